@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL cluster: own data directory, port and socket
+# directory, never the system service.
+#   scripts/pg.sh start DIR [PORT]   prints the DATABASE_URL
+#   scripts/pg.sh stop DIR           stops it and removes DIR
+set -euo pipefail
+
+pg_bin() {
+    local d
+    for d in /usr/lib/postgresql/*/bin; do
+        [ -x "$d/initdb" ] && { echo "$d"; return; }
+    done
+    return 1
+}
+
+ensure_installed() {
+    if ! pg_bin >/dev/null; then
+        echo "installing PostgreSQL (apt)..." >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq postgresql >&2
+    fi
+}
+
+cmd=${1:?usage: pg.sh start|stop DIR [PORT]}
+dir=${2:?usage: pg.sh start|stop DIR [PORT]}
+
+case "$cmd" in
+start)
+    ensure_installed
+    bin=$(pg_bin)
+    port=${3:-55432}
+    mkdir -p "$dir/data" "$dir/sock"
+    # initdb refuses to run as root.
+    chown -R postgres:postgres "$dir"
+    chmod 700 "$dir"
+    runuser -u postgres -- "$bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
+        || { cat "$dir/initdb.log" >&2; exit 1; }
+    runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
+        -o "-p $port -k $dir/sock -c listen_addresses='' -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+        start >&2 || { cat "$dir/postgres.log" >&2; exit 1; }
+    echo "postgres://postgres@localhost:$port/postgres?host=$dir/sock"
+    ;;
+stop)
+    if [ -d "$dir/data" ]; then
+        bin=$(pg_bin)
+        runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >&2 || true
+    fi
+    rm -rf "$dir"
+    ;;
+*)
+    echo "usage: pg.sh start|stop DIR [PORT]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,329 @@
+//! Command line and environment. Values arrive as text and are validated
+//! together, so an operator sees every mistake in one start attempt.
+
+use std::{fmt, net::SocketAddr};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
+
+use crate::ipam::ClusterLayout;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-server",
+    version,
+    about = "Weft's central IPAM and topology service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// gRPC listen address (Topology, Ipam, Admin, health, reflection).
+    #[arg(
+        long,
+        env = "WEFT_LISTEN",
+        default_value = "0.0.0.0:7400",
+        global = true
+    )]
+    pub listen: String,
+
+    /// PostgreSQL URL, e.g. postgres://weft@db/weft or
+    /// postgres:///weft?host=/run/postgresql for a unix socket.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The pod network, split into one block per node.
+    #[arg(
+        long,
+        env = "WEFT_CLUSTER_CIDR",
+        default_value = "10.244.0.0/16",
+        global = true
+    )]
+    pub cluster_cidr: String,
+
+    /// Prefix length of each node's block.
+    #[arg(
+        long,
+        env = "WEFT_NODE_PREFIX_LEN",
+        default_value = "24",
+        global = true
+    )]
+    pub node_prefix_len: String,
+
+    /// Prometheus /metrics and /healthz listen address.
+    #[arg(
+        long,
+        env = "WEFT_METRICS_LISTEN",
+        default_value = "0.0.0.0:7401",
+        global = true
+    )]
+    pub metrics_listen: String,
+
+    /// VXLAN network identifier handed to agents (1..=16777215).
+    #[arg(long, env = "WEFT_VNI", default_value = "1", global = true)]
+    pub vni: String,
+
+    /// Pod MTU suggested to agents; 0 lets each agent derive it from its
+    /// underlay MTU.
+    #[arg(long, env = "WEFT_MTU_HINT", default_value = "0", global = true)]
+    pub mtu_hint: String,
+
+    /// Topology changes kept for resuming watchers; older ones get a snapshot.
+    #[arg(
+        long,
+        env = "WEFT_TOPOLOGY_HISTORY",
+        default_value = "10000",
+        global = true
+    )]
+    pub topology_history: String,
+
+    /// Log output format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter in RUST_LOG syntax, e.g. "info,weft_server=debug".
+    #[arg(long, env = "WEFT_LOG", default_value = "info", global = true)]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Serve gRPC and metrics (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub command: Command,
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub layout: ClusterLayout,
+    pub metrics_listen: SocketAddr,
+    pub vni: u32,
+    pub mtu_hint: u32,
+    pub topology_history: u32,
+    pub log_format: LogFormat,
+    pub log: String,
+}
+
+/// Every problem found in the settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigErrors> {
+        let mut errors = Errors::default();
+
+        let listen = errors.take(parse_addr("--listen/WEFT_LISTEN", &cli.listen));
+        let metrics_listen = errors.take(parse_addr(
+            "--metrics-listen/WEFT_METRICS_LISTEN",
+            &cli.metrics_listen,
+        ));
+        let database_url = errors.take(match cli.database_url {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(url)
+            }
+            Some(_) => Err(
+                "--database-url/DATABASE_URL: must start with postgres:// or postgresql://".into(),
+            ),
+            None => Err("--database-url/DATABASE_URL: required".into()),
+        });
+        let cidr = errors.take(cli.cluster_cidr.parse::<Ipv4Net>().map_err(|_| {
+            format!(
+                "--cluster-cidr/WEFT_CLUSTER_CIDR: {:?} is not an IPv4 CIDR like 10.244.0.0/16",
+                cli.cluster_cidr
+            )
+        }));
+        let prefix = errors.take(
+            cli.node_prefix_len
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 32)
+                .ok_or_else(|| format!("--node-prefix-len/WEFT_NODE_PREFIX_LEN: {:?} is not a prefix length (0-32)", cli.node_prefix_len)),
+        );
+        let vni = errors.take(parse_range("--vni/WEFT_VNI", &cli.vni, 1, (1 << 24) - 1));
+        let mtu_hint = errors.take(
+            parse_range("--mtu-hint/WEFT_MTU_HINT", &cli.mtu_hint, 0, 65_535).and_then(|m| {
+                if m != 0 && m < 576 {
+                    Err(format!(
+                        "--mtu-hint/WEFT_MTU_HINT: {m} is below the IPv4 minimum of 576"
+                    ))
+                } else {
+                    Ok(m)
+                }
+            }),
+        );
+        let topology_history = errors.take(parse_range(
+            "--topology-history/WEFT_TOPOLOGY_HISTORY",
+            &cli.topology_history,
+            1,
+            10_000_000,
+        ));
+        let layout = match (cidr, prefix) {
+            (Some(cidr), Some(prefix)) => errors.take(
+                ClusterLayout::new(cidr, prefix)
+                    .map_err(|e| format!("--cluster-cidr/--node-prefix-len: {e}")),
+            ),
+            _ => None,
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cli.log) {
+            errors.0.push(format!("--log/WEFT_LOG: {e}"));
+        }
+
+        match (
+            listen,
+            metrics_listen,
+            database_url,
+            layout,
+            vni,
+            mtu_hint,
+            topology_history,
+        ) {
+            (
+                Some(listen),
+                Some(metrics_listen),
+                Some(database_url),
+                Some(layout),
+                Some(vni),
+                Some(mtu_hint),
+                Some(topology_history),
+            ) if errors.0.is_empty() => Ok(Self {
+                command: cli.command.unwrap_or(Command::Serve),
+                listen,
+                database_url,
+                layout,
+                metrics_listen,
+                vni,
+                mtu_hint,
+                topology_history,
+                log_format: cli.log_format,
+                log: cli.log,
+            }),
+            _ => Err(ConfigErrors(errors.0)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn take<T>(&mut self, result: Result<T, String>) -> Option<T> {
+        result.map_err(|e| self.0.push(e)).ok()
+    }
+}
+
+fn parse_addr(name: &str, value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{name}: {value:?} is not an address like 0.0.0.0:7400"))
+}
+
+fn parse_range(name: &str, value: &str, min: u32, max: u32) -> Result<u32, String> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|v| (min..=max).contains(v))
+        .ok_or_else(|| format!("{name}: {value:?} is not a number in {min}..={max}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut argv = vec!["weft-server"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::from_cli(cli(&["--database-url", "postgres://weft@db/weft"])).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7400");
+        assert_eq!(c.metrics_listen.to_string(), "0.0.0.0:7401");
+        assert_eq!(c.layout.cidr().to_string(), "10.244.0.0/16");
+        assert_eq!(c.layout.node_prefix(), 24);
+        assert_eq!(c.vni, 1);
+        assert_eq!(c.command, Command::Serve);
+    }
+
+    #[test]
+    fn every_mistake_is_reported_at_once() {
+        let mut bad = cli(&[
+            "--listen",
+            "nope",
+            "--metrics-listen",
+            "1.2.3.4",
+            "--cluster-cidr",
+            "10.244.0.0/33",
+            "--node-prefix-len",
+            "x",
+            "--vni",
+            "0",
+            "--mtu-hint",
+            "100",
+            "--log",
+            "=[",
+        ]);
+        // DATABASE_URL may be set in the test environment; clap reads it.
+        bad.database_url = None;
+        let err = Config::from_cli(bad).unwrap_err();
+        let text = err.to_string();
+        for flag in [
+            "--listen",
+            "--metrics-listen",
+            "--database-url",
+            "--cluster-cidr",
+            "--node-prefix-len",
+            "--vni",
+            "--mtu-hint",
+            "--log",
+        ] {
+            assert!(text.contains(flag), "{flag} missing from:\n{text}");
+        }
+        assert_eq!(err.0.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn an_impossible_layout_is_rejected() {
+        let err = Config::from_cli(cli(&[
+            "--database-url",
+            "postgres://x/y",
+            "--node-prefix-len",
+            "12",
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("shorter than the cluster CIDR"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn migrate_takes_the_global_flags() {
+        let c = Config::from_cli(cli(&["migrate", "--database-url", "postgres://x/y"])).unwrap();
+        assert_eq!(c.command, Command::Migrate);
+    }
+}

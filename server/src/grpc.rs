@@ -1,0 +1,599 @@
+//! The gRPC face of the server: `weft.v1.Topology`, `Ipam` and `Admin`.
+//! Requests are validated here into domain types (bad input becomes
+//! INVALID_ARGUMENT naming the field), handed to the store, and store errors
+//! are mapped to status codes in one place ([`status_from`]).
+
+use std::{net::Ipv4Addr, pin::Pin, sync::Arc, time::Instant};
+
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument, warn};
+use weft_proto::v1::{
+    self as pb, admin_server::Admin, ipam_server::Ipam, topology_server::Topology,
+};
+
+use crate::{
+    domain::{
+        Attachment, ContainerId, IfName, InvalidField, MacAddr, NodeName, PodRef, UnderlayIp,
+        bounded_text, parse_field,
+    },
+    ipam::NodeBlock,
+    metrics::Metrics,
+    store::{
+        AllocationFilter, AllocationRecord, AuditRecord, HistoryKey, NodeRecord, PeerRecord, Store,
+        StoreError, TopologyChange,
+    },
+    watch::{PeerFeed, STREAM_BUFFER, WatchMessage},
+};
+
+/// Most attachments one Gc call may list; a node runs far fewer pods.
+pub const MAX_GC_ATTACHMENTS: usize = 16_384;
+
+/// What every service shares.
+#[derive(Debug, Clone)]
+pub struct Services {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    store: Store,
+    feed: PeerFeed,
+    metrics: Metrics,
+    vni: u32,
+    mtu_hint: u32,
+}
+
+impl Services {
+    pub fn new(store: Store, feed: PeerFeed, metrics: Metrics, vni: u32, mtu_hint: u32) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                store,
+                feed,
+                metrics,
+                vni,
+                mtu_hint,
+            }),
+        }
+    }
+
+    /// Records latency and status code of one call.
+    fn finish<T>(
+        &self,
+        method: &'static str,
+        start: Instant,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.inner
+            .metrics
+            .observe_rpc(method, code, start.elapsed());
+        if let Err(status) = &result
+            && matches!(
+                status.code(),
+                tonic::Code::Internal | tonic::Code::Unavailable
+            )
+        {
+            warn!(method, code = ?status.code(), message = status.message(), "request failed");
+        }
+        result
+    }
+}
+
+// === validation helpers ===
+
+fn invalid(e: InvalidField) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn check<T: std::str::FromStr<Err = String>>(
+    field: &'static str,
+    value: &str,
+) -> Result<T, Status> {
+    parse_field(field, value).map_err(invalid)
+}
+
+fn check_text(field: &'static str, value: &str) -> Result<String, Status> {
+    bounded_text(field, value, 253).map_err(invalid)
+}
+
+fn check_optional<T: std::str::FromStr<Err = String>>(
+    field: &'static str,
+    value: &str,
+) -> Result<Option<T>, Status> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        check(field, value).map(Some)
+    }
+}
+
+fn check_ipv4(field: &'static str, value: &str) -> Result<Ipv4Addr, Status> {
+    value.parse().map_err(|_| {
+        Status::invalid_argument(format!("invalid {field}: {value:?} is not an IPv4 address"))
+    })
+}
+
+fn check_attachment(container_id: &str, ifname: &str) -> Result<Attachment, Status> {
+    Ok(Attachment {
+        container_id: check::<ContainerId>("container_id", container_id)?,
+        ifname: check::<IfName>("ifname", ifname)?,
+    })
+}
+
+/// The one place store errors become gRPC statuses.
+fn status_from(e: StoreError) -> Status {
+    match e {
+        StoreError::UnknownNode(_) => Status::not_found(e.to_string()),
+        StoreError::BlockExhausted { .. } | StoreError::NoFreeBlock { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
+        StoreError::AttachmentOnOtherNode { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Conflict => Status::aborted(e.to_string()),
+        StoreError::Database(
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
+        ) => Status::unavailable(format!("database unavailable: {e}")),
+        // Internals stay in the log; the client gets a stable message.
+        StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::LayoutMismatch { .. } => {
+            warn!(error = %e, "internal error");
+            Status::internal("internal database error; see the server log")
+        }
+    }
+}
+
+// === conversions to the wire ===
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn peer_pb(p: PeerRecord) -> pb::Peer {
+    pb::Peer {
+        node_name: p.node_name,
+        underlay_ip: p.underlay_ip.to_string(),
+        vtep_mac: p.vtep_mac,
+        block: p.block.to_string(),
+    }
+}
+
+fn node_pb(n: NodeRecord) -> pb::Node {
+    pb::Node {
+        name: n.name,
+        underlay_ip: n.underlay_ip.to_string(),
+        vtep_mac: n.vtep_mac,
+        block: n.block.to_string(),
+        gateway: n.block.gateway().to_string(),
+        registered_at: Some(timestamp(n.registered_at)),
+        last_seen: Some(timestamp(n.last_seen)),
+        allocated: n.allocated,
+        capacity: n.block.capacity(),
+    }
+}
+
+fn address_with_prefix(address: Ipv4Addr, block: NodeBlock) -> String {
+    format!("{address}/{}", block.net().prefix_len())
+}
+
+fn allocation_pb(a: AllocationRecord) -> pb::Allocation {
+    pb::Allocation {
+        node_name: a.node_name,
+        address: address_with_prefix(a.address, a.block),
+        gateway: a.block.gateway().to_string(),
+        container_id: a.container_id,
+        ifname: a.ifname,
+        pod_namespace: a.pod.namespace,
+        pod_name: a.pod.name,
+        pod_uid: a.pod.uid,
+        allocated_at: Some(timestamp(a.allocated_at)),
+    }
+}
+
+fn audit_pb(a: AuditRecord) -> pb::AuditEntry {
+    pb::AuditEntry {
+        id: u64::try_from(a.id).unwrap_or(0),
+        at: Some(timestamp(a.at)),
+        action: a.action,
+        actor: a.actor,
+        node_name: a.node_name,
+        address: a.address.map(|ip| ip.to_string()).unwrap_or_default(),
+        container_id: a.container_id.unwrap_or_default(),
+        ifname: a.ifname.unwrap_or_default(),
+        pod_namespace: a.pod.namespace,
+        pod_name: a.pod.name,
+        pod_uid: a.pod.uid,
+    }
+}
+
+fn watch_pb(m: WatchMessage) -> pb::PeerEvent {
+    use pb::peer_event::Event;
+    match m {
+        WatchMessage::Snapshot { revision, peers } => pb::PeerEvent {
+            revision,
+            event: Some(Event::Snapshot(pb::PeerSnapshot {
+                peers: peers.into_iter().map(peer_pb).collect(),
+            })),
+        },
+        WatchMessage::Change(e) => pb::PeerEvent {
+            revision: e.revision,
+            event: Some(match e.change {
+                TopologyChange::Upsert(p) => Event::Upsert(peer_pb(p)),
+                TopologyChange::Delete(name) => Event::Delete(name),
+            }),
+        },
+    }
+}
+
+/// Who did it, for the audit log. Until mTLS identities exist, node RPCs
+/// are attributed to the node they name and admin RPCs to "admin".
+fn node_actor(node: &NodeName) -> String {
+    format!("node/{node}")
+}
+
+const ADMIN_ACTOR: &str = "admin";
+
+// === impl Topology ===
+
+type PeerStream = Pin<Box<dyn Stream<Item = Result<pb::PeerEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Topology for Services {
+    #[instrument(skip_all, fields(node = %request.get_ref().node_name))]
+    async fn register_node(
+        &self,
+        request: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let req = request.into_inner();
+            let node: NodeName = check("node_name", &req.node_name)?;
+            let underlay: UnderlayIp = check("underlay_ip", &req.underlay_ip)?;
+            let mac: MacAddr = check("vtep_mac", &req.vtep_mac)?;
+            let store = &self.inner.store;
+            let reg = store
+                .register_node(&node, underlay, mac, &node_actor(&node))
+                .await
+                .map_err(status_from)?;
+            if reg.changed {
+                self.inner.feed.poke();
+                info!(%node, %underlay, %mac, block = %reg.block, revision = reg.revision, "node registered");
+            }
+            Ok(Response::new(pb::RegisterNodeResponse {
+                block: reg.block.to_string(),
+                gateway: reg.block.gateway().to_string(),
+                vni: self.inner.vni,
+                cluster_cidr: store.layout().cidr().to_string(),
+                mtu_hint: self.inner.mtu_hint,
+                revision: reg.revision,
+            }))
+        }
+        .await;
+        self.finish("RegisterNode", start, result)
+    }
+
+    type WatchPeersStream = PeerStream;
+
+    #[instrument(skip_all, fields(node = %request.get_ref().node_name))]
+    async fn watch_peers(
+        &self,
+        request: Request<pb::WatchPeersRequest>,
+    ) -> Result<Response<Self::WatchPeersStream>, Status> {
+        let req = request.into_inner();
+        let node: NodeName = check("node_name", &req.node_name)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let feed = self.inner.feed.clone();
+        let store = self.inner.store.clone();
+        let watchers = self.inner.metrics.watchers.clone();
+        info!(%node, since = req.since_revision, "watcher connected");
+        tokio::spawn(async move {
+            watchers.inc();
+            feed.serve_watcher(store, node.to_string(), req.since_revision, tx)
+                .await;
+            watchers.dec();
+            info!(%node, "watcher gone");
+        });
+        let stream = ReceiverStream::new(rx).map(|m| m.map(watch_pb).map_err(status_from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let node: NodeName = check("node_name", &request.get_ref().node_name)?;
+            self.inner
+                .store
+                .heartbeat(&node)
+                .await
+                .map_err(status_from)?;
+            Ok(Response::new(pb::HeartbeatResponse {}))
+        }
+        .await;
+        self.finish("Heartbeat", start, result)
+    }
+}
+
+// === impl Ipam ===
+
+#[tonic::async_trait]
+impl Ipam for Services {
+    #[instrument(skip_all, fields(node = %request.get_ref().node_name, container_id = %request.get_ref().container_id, ifname = %request.get_ref().ifname))]
+    async fn allocate(
+        &self,
+        request: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let req = request.into_inner();
+            let node: NodeName = check("node_name", &req.node_name)?;
+            let attachment = check_attachment(&req.container_id, &req.ifname)?;
+            let pod = PodRef {
+                namespace: check_text("pod_namespace", &req.pod_namespace)?,
+                name: check_text("pod_name", &req.pod_name)?,
+                uid: check_text("pod_uid", &req.pod_uid)?,
+            };
+            let (record, created) = self
+                .inner
+                .store
+                .allocate(&node, &attachment, &pod, &node_actor(&node))
+                .await
+                .map_err(status_from)?;
+            if created {
+                self.inner
+                    .metrics
+                    .allocations
+                    .get_or_create(&crate::metrics::NodeLabels { node: node.to_string() })
+                    .inc();
+                info!(address = %record.address, pod_namespace = %pod.namespace, pod_name = %pod.name, "allocated");
+            }
+            Ok(Response::new(pb::AllocateResponse {
+                address: address_with_prefix(record.address, record.block),
+                gateway: record.block.gateway().to_string(),
+                mtu: self.inner.mtu_hint,
+            }))
+        }
+        .await;
+        self.finish("Allocate", start, result)
+    }
+
+    #[instrument(skip_all, fields(node = %request.get_ref().node_name, container_id = %request.get_ref().container_id, ifname = %request.get_ref().ifname))]
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let req = request.into_inner();
+            let node: NodeName = check("node_name", &req.node_name)?;
+            let attachment = check_attachment(&req.container_id, &req.ifname)?;
+            let released = self
+                .inner
+                .store
+                .release(&node, &attachment, &node_actor(&node))
+                .await
+                .map_err(status_from)?;
+            let address = match released {
+                Some(r) => {
+                    self.inner.metrics.count_release(&r.node_name, "release", 1);
+                    info!(address = %r.address, "released");
+                    r.address.to_string()
+                }
+                None => String::new(),
+            };
+            Ok(Response::new(pb::ReleaseResponse { address }))
+        }
+        .await;
+        self.finish("Release", start, result)
+    }
+
+    #[instrument(skip_all, fields(node = %request.get_ref().node_name, valid = request.get_ref().valid.len()))]
+    async fn gc(
+        &self,
+        request: Request<pb::GcRequest>,
+    ) -> Result<Response<pb::GcResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let req = request.into_inner();
+            let node: NodeName = check("node_name", &req.node_name)?;
+            if req.valid.len() > MAX_GC_ATTACHMENTS {
+                return Err(Status::invalid_argument(format!(
+                    "invalid valid: {} attachments, at most {MAX_GC_ATTACHMENTS} allowed",
+                    req.valid.len()
+                )));
+            }
+            let valid = req
+                .valid
+                .iter()
+                .map(|a| check_attachment(&a.container_id, &a.ifname))
+                .collect::<Result<Vec<_>, _>>()?;
+            let released = self
+                .inner
+                .store
+                .gc(&node, &valid, &node_actor(&node))
+                .await
+                .map_err(status_from)?;
+            self.inner
+                .metrics
+                .count_release(node.as_str(), "gc", released.len());
+            if !released.is_empty() {
+                info!(released = released.len(), "garbage-collected allocations");
+            }
+            Ok(Response::new(pb::GcResponse {
+                released: released.into_iter().map(allocation_pb).collect(),
+            }))
+        }
+        .await;
+        self.finish("Gc", start, result)
+    }
+}
+
+// === impl Admin ===
+
+#[tonic::async_trait]
+impl Admin for Services {
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let start = Instant::now();
+        let result = self
+            .inner
+            .store
+            .list_nodes()
+            .await
+            .map_err(status_from)
+            .map(|nodes| {
+                Response::new(pb::ListNodesResponse {
+                    nodes: nodes.into_iter().map(node_pb).collect(),
+                })
+            });
+        self.finish("ListNodes", start, result)
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let name: NodeName = check("name", &request.get_ref().name)?;
+            let node = self
+                .inner
+                .store
+                .get_node(&name)
+                .await
+                .map_err(status_from)?;
+            Ok(Response::new(node_pb(node)))
+        }
+        .await;
+        self.finish("GetNode", start, result)
+    }
+
+    #[instrument(skip_all, fields(node = %request.get_ref().name))]
+    async fn delete_node(
+        &self,
+        request: Request<pb::DeleteNodeRequest>,
+    ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let name: NodeName = check("name", &request.get_ref().name)?;
+            let (revision, released) = self
+                .inner
+                .store
+                .delete_node(&name, ADMIN_ACTOR)
+                .await
+                .map_err(status_from)?;
+            self.inner.feed.poke();
+            self.inner
+                .metrics
+                .count_release(name.as_str(), "node_delete", released.len());
+            info!(%name, revision, released = released.len(), "node deleted");
+            Ok(Response::new(pb::DeleteNodeResponse {
+                released: released.into_iter().map(allocation_pb).collect(),
+            }))
+        }
+        .await;
+        self.finish("DeleteNode", start, result)
+    }
+
+    async fn list_allocations(
+        &self,
+        request: Request<pb::ListAllocationsRequest>,
+    ) -> Result<Response<pb::ListAllocationsResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let req = request.into_inner();
+            let filter = AllocationFilter {
+                node_name: check_optional::<NodeName>("node_name", &req.node_name)?
+                    .map(|n| n.to_string()),
+                pod_namespace: Some(check_text("pod_namespace", &req.pod_namespace)?)
+                    .filter(|s| !s.is_empty()),
+                pod_name: Some(check_text("pod_name", &req.pod_name)?).filter(|s| !s.is_empty()),
+                address: if req.address.is_empty() {
+                    None
+                } else {
+                    Some(check_ipv4("address", &req.address)?)
+                },
+            };
+            let allocations = self
+                .inner
+                .store
+                .list_allocations(&filter)
+                .await
+                .map_err(status_from)?;
+            Ok(Response::new(pb::ListAllocationsResponse {
+                allocations: allocations.into_iter().map(allocation_pb).collect(),
+            }))
+        }
+        .await;
+        self.finish("ListAllocations", start, result)
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let req = request.into_inner();
+            let key = match (req.address.is_empty(), req.container_id.is_empty()) {
+                (false, true) => HistoryKey::Address(check_ipv4("address", &req.address)?),
+                (true, false) => HistoryKey::Container(check("container_id", &req.container_id)?),
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "invalid address/container_id: set exactly one of them",
+                    ));
+                }
+            };
+            let entries = self.inner.store.history(&key).await.map_err(status_from)?;
+            Ok(Response::new(pb::HistoryResponse {
+                entries: entries.into_iter().map(audit_pb).collect(),
+            }))
+        }
+        .await;
+        self.finish("History", start, result)
+    }
+
+    async fn utilization(
+        &self,
+        _request: Request<pb::UtilizationRequest>,
+    ) -> Result<Response<pb::UtilizationResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let store = &self.inner.store;
+            let rows = store.utilization().await.map_err(status_from)?;
+            let layout = store.layout();
+            let per_block = layout.block(0).map(|b| b.capacity()).unwrap_or(0);
+            let nodes: Vec<pb::NodeUtilization> = rows
+                .into_iter()
+                .map(|(node_name, block, used)| pb::NodeUtilization {
+                    node_name,
+                    block: block.to_string(),
+                    used,
+                    capacity: block.capacity(),
+                })
+                .collect();
+            let blocks_used = u32::try_from(nodes.len()).unwrap_or(u32::MAX);
+            Ok(Response::new(pb::UtilizationResponse {
+                used: nodes.iter().map(|n| u64::from(n.used)).sum(),
+                // The cluster's capacity counts every block, assigned or not.
+                capacity: u64::from(layout.block_count()) * u64::from(per_block),
+                blocks_used,
+                blocks_capacity: layout.block_count(),
+                nodes,
+            }))
+        }
+        .await;
+        self.finish("Utilization", start, result)
+    }
+}

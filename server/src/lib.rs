@@ -1,0 +1,229 @@
+//! weft-server: Weft's central IPAM and topology service.
+//!
+//! Agents call [`grpc`]'s `Topology` to register their node and receive its
+//! pod block, then hold a `WatchPeers` stream fed by [`watch`] to learn every
+//! other node's tunnel endpoint. The CNI path calls `Ipam` to allocate and
+//! release pod addresses; operators use `Admin`. [`store`] keeps all state
+//! in PostgreSQL, where unique constraints guarantee that no address or
+//! block is handed out twice and every change is audited in the same
+//! transaction; [`ipam`] is the address arithmetic it relies on, free of I/O.
+//! [`metrics`] serves Prometheus figures and /healthz.
+
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod ipam;
+pub mod metrics;
+pub mod store;
+pub mod telemetry;
+pub mod watch;
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio::{net::TcpListener, sync::watch as signal_watch, task::JoinHandle};
+use tonic::transport::{Server as GrpcServer, server::TcpIncoming};
+use tonic_health::ServingStatus;
+use tracing::{error, info, warn};
+use weft_proto::v1::{
+    admin_server::AdminServer, ipam_server::IpamServer, topology_server::TopologyServer,
+};
+
+use crate::{
+    config::{Command, Config},
+    grpc::Services,
+    metrics::Metrics,
+    store::{MIGRATOR, Store},
+    watch::PeerFeed,
+};
+
+/// How long in-flight requests may take to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request the server decodes; Gc with thousands of attachments fits.
+const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Settings of a running server that tests set directly.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub layout: ipam::ClusterLayout,
+    pub vni: u32,
+    pub mtu_hint: u32,
+    pub topology_history: u32,
+    /// Changes buffered for all watchers; one that falls further behind
+    /// is resynced with a snapshot.
+    pub feed_capacity: usize,
+}
+
+/// A running server: gRPC plus metrics, stopped by [`RunningServer::shutdown`].
+#[derive(Debug)]
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    stop: signal_watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Binds nothing itself: takes listeners so tests can use port 0.
+    pub async fn start(
+        settings: ServerSettings,
+        pool: PgPool,
+        grpc: TcpListener,
+        metrics_listener: TcpListener,
+    ) -> anyhow::Result<Self> {
+        let store = Store::new(pool, settings.layout, settings.topology_history);
+        store.check_layout().await?;
+        let feed = PeerFeed::start(store.clone(), settings.feed_capacity).await?;
+        let metrics = Metrics::new();
+        let services = Services::new(
+            store.clone(),
+            feed,
+            metrics.clone(),
+            settings.vni,
+            settings.mtu_hint,
+        );
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        for name in ["weft.v1.Topology", "weft.v1.Ipam", "weft.v1.Admin"] {
+            health_reporter
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let grpc_addr = grpc.local_addr()?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        let (stop, stopped) = signal_watch::channel(false);
+
+        // serve_with_incoming ignores Server::tcp_nodelay; without it small
+        // RPCs wait ~40 ms on delayed ACKs.
+        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let router = GrpcServer::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                TopologyServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                IpamServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(AdminServer::new(services).max_decoding_message_size(MAX_MESSAGE_BYTES));
+        let grpc_task = tokio::spawn({
+            let stopped = stopped.clone();
+            async move {
+                if let Err(e) = router
+                    .serve_with_incoming_shutdown(incoming, wait_for(stopped))
+                    .await
+                {
+                    error!(error = %e, "gRPC server failed");
+                }
+            }
+        });
+        let metrics_task = tokio::spawn(async move {
+            if let Err(e) =
+                metrics::serve_http(metrics_listener, metrics, store, wait_for(stopped)).await
+            {
+                error!(error = %e, "metrics server failed");
+            }
+        });
+        info!(%grpc_addr, %metrics_addr, "weft-server listening");
+        Ok(Self {
+            grpc_addr,
+            metrics_addr,
+            stop,
+            tasks: vec![grpc_task, metrics_task],
+        })
+    }
+
+    /// Stops accepting, lets in-flight calls finish within [`DRAIN_TIMEOUT`].
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            // Watch streams never end on their own; the bound cuts them off.
+            match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+                Ok(_) => {}
+                Err(_) => warn!("drain timed out; closing remaining streams"),
+            }
+        }
+    }
+}
+
+async fn wait_for(mut stopped: signal_watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+/// Connects, retrying while the database is unreachable (it may start
+/// after us in a cluster); a wrong URL or password fails at once.
+pub async fn connect_with_retry(url: &str) -> anyhow::Result<PgPool> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match Store::connect(url).await {
+            Ok(pool) => return Ok(pool),
+            Err(store::StoreError::Database(
+                e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)),
+            )) => {
+                warn!(error = %e, retry_in = ?delay, "database unreachable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e).context("connecting to PostgreSQL"),
+        }
+    }
+}
+
+/// The binary's whole life: validate, migrate, serve until SIGTERM/SIGINT.
+pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
+    let config = Config::from_cli(cli)?;
+    telemetry::init(config.log_format, &config.log).map_err(anyhow::Error::msg)?;
+    let pool = connect_with_retry(&config.database_url).await?;
+    // sqlx takes an advisory lock, so replicas starting together migrate once.
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("applying database migrations")?;
+    info!("database migrations applied");
+    if config.command == Command::Migrate {
+        return Ok(());
+    }
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding gRPC listener {}", config.listen))?;
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("binding metrics listener {}", config.metrics_listen))?;
+    let settings = ServerSettings {
+        layout: config.layout,
+        vni: config.vni,
+        mtu_hint: config.mtu_hint,
+        topology_history: config.topology_history,
+        feed_capacity: watch::DEFAULT_FEED_CAPACITY,
+    };
+    let server = RunningServer::start(settings, pool, grpc, metrics_listener).await?;
+    shutdown_signal().await?;
+    info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

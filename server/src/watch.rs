@@ -1,0 +1,244 @@
+//! The peer feed: one task per server reads committed topology events from
+//! PostgreSQL (woken by NOTIFY, by this process after its own commits, and
+//! by a periodic check that catches a missed notification) and fans them out
+//! over a bounded broadcast channel. Each watch stream is its own task: a
+//! slow client only blocks itself, and when it falls further behind than the
+//! channel holds it gets a fresh snapshot instead of an ever-growing queue.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tracing::{debug, info, warn};
+
+use crate::store::{PeerRecord, Store, StoreError, TOPOLOGY_CHANNEL, TopologyEvent};
+
+/// Events the shared channel holds before a lagging watcher is resynced.
+pub const DEFAULT_FEED_CAPACITY: usize = 1024;
+/// Messages queued per stream toward the client.
+pub const STREAM_BUFFER: usize = 16;
+/// Safety net for a lost NOTIFY (e.g. while the LISTEN connection reconnects).
+const POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What a watcher receives, already filtered for its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchMessage {
+    Snapshot {
+        revision: u64,
+        peers: Vec<PeerRecord>,
+    },
+    Change(TopologyEvent),
+}
+
+#[derive(Debug, Clone)]
+enum FeedItem {
+    Event(Arc<TopologyEvent>),
+    /// The feed itself lost track (history pruned under it); every
+    /// watcher must re-read a snapshot.
+    Resync,
+}
+
+/// Shared handle to the feed.
+#[derive(Debug, Clone)]
+pub struct PeerFeed {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tx: broadcast::Sender<FeedItem>,
+    wake: Notify,
+    revision: AtomicU64,
+}
+
+// === impl PeerFeed ===
+
+impl PeerFeed {
+    /// Starts the feed task at the database's current revision.
+    pub async fn start(store: Store, capacity: usize) -> Result<Self, StoreError> {
+        let revision = store.current_revision().await?;
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        let feed = Self {
+            inner: Arc::new(Inner {
+                tx,
+                wake: Notify::new(),
+                revision: AtomicU64::new(revision),
+            }),
+        };
+        tokio::spawn(feed.clone().run(store));
+        Ok(feed)
+    }
+
+    /// Tells the feed a topology change was just committed here, so local
+    /// watchers do not wait for the NOTIFY round trip.
+    pub fn poke(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// The last revision the feed has broadcast.
+    pub fn revision(&self) -> u64 {
+        self.inner.revision.load(Ordering::Acquire)
+    }
+
+    async fn run(self, store: Store) {
+        let mut listener = None;
+        let mut last = self.revision();
+        loop {
+            if listener.is_none() {
+                listener = match listen(&store).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        warn!(error = %e, "cannot LISTEN for topology changes; polling");
+                        None
+                    }
+                };
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.inner.wake.notified() => {}
+                r = notified => if let Err(e) = r {
+                    warn!(error = %e, "topology LISTEN connection failed; reconnecting");
+                    listener = None;
+                },
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+            match store.events_since(last).await {
+                Ok(Some(events)) => {
+                    for event in events {
+                        last = event.revision;
+                        // No receivers is fine: the revision still advances.
+                        let _ = self.inner.tx.send(FeedItem::Event(Arc::new(event)));
+                    }
+                }
+                Ok(None) => {
+                    info!(
+                        last,
+                        "topology history moved past the feed; resyncing watchers"
+                    );
+                    match store.current_revision().await {
+                        Ok(rev) => last = rev,
+                        Err(e) => warn!(error = %e, "reading topology revision"),
+                    }
+                    let _ = self.inner.tx.send(FeedItem::Resync);
+                }
+                Err(e) => warn!(error = %e, "reading topology events"),
+            }
+            self.inner.revision.store(last, Ordering::Release);
+        }
+    }
+
+    /// Serves one watcher until its client goes away: catch-up from
+    /// `since` (or a snapshot), then live changes. `node` is left out.
+    pub async fn serve_watcher(
+        &self,
+        store: Store,
+        node: String,
+        since: u64,
+        out: mpsc::Sender<Result<WatchMessage, StoreError>>,
+    ) {
+        // Subscribe before reading the database, so nothing committed in
+        // between is missed; duplicates are dropped by revision below.
+        let mut rx = self.inner.tx.subscribe();
+        let mut last = match catch_up(&store, &node, since, &out).await {
+            Some(rev) => rev,
+            None => return,
+        };
+        loop {
+            let item = tokio::select! {
+                item = rx.recv() => item,
+                () = out.closed() => return,
+            };
+            let next = match item {
+                Ok(FeedItem::Event(event)) if event.revision <= last => continue,
+                Ok(FeedItem::Event(event)) if event.revision == last + 1 => {
+                    last = event.revision;
+                    if event.change.node_name() == node {
+                        continue;
+                    }
+                    if out
+                        .send(Ok(WatchMessage::Change((*event).clone())))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                // A gap means this watcher raced the feed; read it from the
+                // database instead of guessing.
+                Ok(FeedItem::Event(_)) => catch_up(&store, &node, last, &out).await,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    debug!(%node, skipped = n, "slow watcher fell behind; sending a snapshot");
+                    catch_up(&store, &node, 0, &out).await
+                }
+                Ok(FeedItem::Resync) => catch_up(&store, &node, 0, &out).await,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            match next {
+                Some(rev) => last = rev,
+                None => return,
+            }
+        }
+    }
+}
+
+async fn listen(store: &Store) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(store.pool()).await?;
+    listener.listen(TOPOLOGY_CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Sends what the watcher missed after `since`, or a snapshot when that is
+/// not available (or `since` is 0). Returns the revision reached, or `None`
+/// when the stream is over.
+async fn catch_up(
+    store: &Store,
+    node: &str,
+    since: u64,
+    out: &mpsc::Sender<Result<WatchMessage, StoreError>>,
+) -> Option<u64> {
+    if since > 0 {
+        match store.events_since(since).await {
+            Ok(Some(events)) => {
+                let mut last = since;
+                for event in events {
+                    last = event.revision;
+                    if event.change.node_name() == node {
+                        continue;
+                    }
+                    out.send(Ok(WatchMessage::Change(event))).await.ok()?;
+                }
+                return Some(last);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = out.send(Err(e)).await;
+                return None;
+            }
+        }
+    }
+    match store.peer_snapshot().await {
+        Ok((revision, peers)) => {
+            let peers = peers.into_iter().filter(|p| p.node_name != node).collect();
+            out.send(Ok(WatchMessage::Snapshot { revision, peers }))
+                .await
+                .ok()?;
+            Some(revision)
+        }
+        Err(e) => {
+            let _ = out.send(Err(e)).await;
+            None
+        }
+    }
+}
