@@ -1,0 +1,304 @@
+//! Command line and environment of `weft-agent`, validated together so an
+//! operator sees every mistake at once.
+
+use std::{fmt, net::Ipv4Addr, net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-agent",
+    version,
+    about = "Weft's node agent: bridge, VXLAN tunnels, peer sync and pod wiring"
+)]
+pub struct Cli {
+    /// URL of weft-server's gRPC endpoint, e.g. http://weft-server.weft:7400.
+    #[arg(long, env = "WEFT_SERVER")]
+    pub server: Option<String>,
+
+    /// This node's name (Kubernetes node name); defaults to the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// IPv4 address tunnels use on this node; defaults to the source
+    /// address of the route toward the server.
+    #[arg(long, env = "WEFT_UNDERLAY_IP")]
+    pub underlay_ip: Option<String>,
+
+    /// Interface that carries the tunnels; defaults to the one holding the
+    /// underlay address.
+    #[arg(long, env = "WEFT_UNDERLAY_INTERFACE")]
+    pub underlay_interface: Option<String>,
+
+    /// MTU of the underlay; defaults to the interface's MTU. Pods get this
+    /// minus the 50 bytes of VXLAN overhead.
+    #[arg(long, env = "WEFT_UNDERLAY_MTU")]
+    pub underlay_mtu: Option<String>,
+
+    /// Unix socket the CNI plugin talks to.
+    #[arg(
+        long,
+        env = "WEFT_AGENT_SOCKET",
+        default_value = "/run/weft/agent.sock"
+    )]
+    pub socket: PathBuf,
+
+    /// Where the CNI network configuration is written once the node is ready.
+    #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+
+    /// Prometheus /metrics and /healthz listen address.
+    #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:7402")]
+    pub metrics_listen: String,
+
+    /// Seconds between heartbeats to the server.
+    #[arg(long, env = "WEFT_HEARTBEAT_SECONDS", default_value = "10")]
+    pub heartbeat_seconds: String,
+
+    /// Log output format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter in RUST_LOG syntax, e.g. "info,weft_agent=debug".
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: tonic::transport::Uri,
+    pub node_name: String,
+    pub underlay_ip: Option<Ipv4Addr>,
+    pub underlay_interface: Option<String>,
+    pub underlay_mtu: Option<u32>,
+    pub socket: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub metrics_listen: SocketAddr,
+    pub heartbeat_seconds: u64,
+    pub log_format: LogFormat,
+    pub log: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn take<T>(&mut self, r: Result<T, String>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
+    }
+}
+
+fn valid_node_name(s: &str) -> Result<String, String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if s.is_empty()
+        || s.len() > 253
+        || !s.chars().all(ok_char)
+        || !edge(s.chars().next())
+        || !edge(s.chars().last())
+    {
+        return Err(format!(
+            "--node-name/NODE_NAME: {s:?} is not a valid node name (lower-case letters, digits, '-', '.')"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+impl Config {
+    /// `hostname` is the fallback node name (passed in so tests control it).
+    pub fn from_cli(cli: Cli, hostname: Option<String>) -> Result<Self, ConfigErrors> {
+        let mut errors = Errors::default();
+        let server = errors.take(match cli.server.as_deref() {
+            None => Err("--server/WEFT_SERVER: required (e.g. http://weft-server:7400)".into()),
+            Some(s) => s
+                .parse::<tonic::transport::Uri>()
+                .ok()
+                .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+                .ok_or_else(|| {
+                    format!("--server/WEFT_SERVER: {s:?} is not a URL like http://host:7400")
+                }),
+        });
+        let node_name = errors.take(match cli.node_name.or(hostname) {
+            Some(n) => valid_node_name(&n.to_ascii_lowercase()),
+            None => Err("--node-name/NODE_NAME: not set and the hostname is unknown".into()),
+        });
+        let underlay_ip = cli.underlay_ip.as_deref().and_then(|s| {
+            errors.take(s.parse::<Ipv4Addr>().map_err(|_| {
+                format!("--underlay-ip/WEFT_UNDERLAY_IP: {s:?} is not an IPv4 address")
+            }))
+        });
+        let underlay_mtu = cli.underlay_mtu.as_deref().and_then(|s| {
+            errors.take(
+                s.parse::<u32>()
+                    .ok()
+                    .filter(|m| (626..=65_535).contains(m))
+                    .ok_or_else(|| {
+                        format!(
+                            "--underlay-mtu/WEFT_UNDERLAY_MTU: {s:?} is not an MTU in 626..=65535"
+                        )
+                    }),
+            )
+        });
+        if let Some(name) = &cli.underlay_interface
+            && (name.is_empty() || name.len() > 15 || name.contains('/'))
+        {
+            errors.0.push(format!(
+                "--underlay-interface/WEFT_UNDERLAY_INTERFACE: {name:?} is not an interface name"
+            ));
+        }
+        let metrics_listen = errors.take(cli.metrics_listen.parse::<SocketAddr>().map_err(|_| {
+            format!(
+                "--metrics-listen/WEFT_METRICS_LISTEN: {:?} is not an address like 0.0.0.0:7402",
+                cli.metrics_listen
+            )
+        }));
+        let heartbeat_seconds = errors.take(
+            cli.heartbeat_seconds
+                .parse::<u64>()
+                .ok()
+                .filter(|s| (1..=3600).contains(s))
+                .ok_or_else(|| {
+                    format!(
+                        "--heartbeat-seconds/WEFT_HEARTBEAT_SECONDS: {:?} is not in 1..=3600",
+                        cli.heartbeat_seconds
+                    )
+                }),
+        );
+        if !cli.socket.is_absolute() {
+            errors.0.push(format!(
+                "--socket/WEFT_AGENT_SOCKET: {} is not an absolute path",
+                cli.socket.display()
+            ));
+        }
+        if !cli.cni_conf_dir.is_absolute() {
+            errors.0.push(format!(
+                "--cni-conf-dir/WEFT_CNI_CONF_DIR: {} is not an absolute path",
+                cli.cni_conf_dir.display()
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cli.log) {
+            errors.0.push(format!("--log/WEFT_LOG: {e}"));
+        }
+        match (server, node_name, metrics_listen, heartbeat_seconds) {
+            (Some(server), Some(node_name), Some(metrics_listen), Some(heartbeat_seconds))
+                if errors.0.is_empty() =>
+            {
+                Ok(Self {
+                    server,
+                    node_name,
+                    underlay_ip,
+                    underlay_interface: cli.underlay_interface,
+                    underlay_mtu,
+                    socket: cli.socket,
+                    cni_conf_dir: cli.cni_conf_dir,
+                    metrics_listen,
+                    heartbeat_seconds,
+                    log_format: cli.log_format,
+                    log: cli.log,
+                })
+            }
+            _ => Err(ConfigErrors(errors.0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut argv = vec!["weft-agent"];
+        argv.extend_from_slice(args);
+        let mut cli = Cli::try_parse_from(argv).unwrap();
+        // The test environment may carry WEFT_*/NODE_NAME; only flags count here.
+        if !args.contains(&"--server") {
+            cli.server = None;
+        }
+        if !args.contains(&"--node-name") {
+            cli.node_name = None;
+        }
+        cli
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::from_cli(
+            cli(&["--server", "http://198.51.100.254:7400"]),
+            Some("Node-A".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            c.node_name, "node-a",
+            "hostnames are lower-cased as Kubernetes does"
+        );
+        assert_eq!(c.socket, PathBuf::from("/run/weft/agent.sock"));
+        assert_eq!(c.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(c.metrics_listen.to_string(), "0.0.0.0:7402");
+        assert_eq!(c.underlay_ip, None);
+    }
+
+    #[test]
+    fn every_mistake_is_reported_at_once() {
+        let err = Config::from_cli(
+            cli(&[
+                "--underlay-ip",
+                "nope",
+                "--underlay-mtu",
+                "100",
+                "--metrics-listen",
+                "x",
+                "--socket",
+                "relative.sock",
+                "--heartbeat-seconds",
+                "0",
+                "--node-name",
+                "Bad_Name",
+            ]),
+            None,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for flag in [
+            "--server",
+            "--node-name",
+            "--underlay-ip",
+            "--underlay-mtu",
+            "--metrics-listen",
+            "--socket",
+            "--heartbeat-seconds",
+        ] {
+            assert!(text.contains(flag), "{flag} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn server_must_be_an_http_url() {
+        for bad in ["198.51.100.254:7400", "ftp://x:1", "http://"] {
+            let err =
+                Config::from_cli(cli(&["--server", bad, "--node-name", "a"]), None).unwrap_err();
+            assert!(err.to_string().contains("--server"), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! weft-agent: the node daemon.
+//!
+//! At start-up the agent finds its underlay ([`netlink`]), registers the
+//! node with weft-server (retrying while the server is unreachable), and
+//! builds the datapath through the [`datapath::Datapath`] seam: the VXLAN
+//! device `weft.vxlan`, the bridge `weft0` with the gateway, forwarding and
+//! one masquerade rule. [`sync`] then keeps routes, neighbours and FDB
+//! entries on the tunnel equal to the server's peer set, using the pure
+//! planning in [`peers`] and [`reconcile`]. Once the node is in sync it
+//! writes the CNI conflist ([`cni_conf`]), the runtime's readiness signal.
+//! On SIGTERM it stops and leaves the datapath in place, so pods keep
+//! working across agent restarts and upgrades.
+
+pub mod cni_conf;
+pub mod config;
+pub mod datapath;
+pub mod metrics;
+pub mod netlink;
+pub mod peers;
+pub mod reconcile;
+pub mod sync;
+
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, bail};
+use ipnet::Ipv4Net;
+use tokio::sync::watch;
+use tonic::{
+    Code,
+    transport::{Channel, Endpoint},
+};
+use tracing::{error, info, warn};
+use weft_proto::v1::{self as pb, topology_client::TopologyClient};
+
+use crate::{
+    config::{Config, LogFormat},
+    datapath::{BridgeSpec, Datapath, MasqueradeSpec, Underlay, VXLAN_OVERHEAD, VtepSpec},
+    metrics::AgentMetrics,
+    netlink::NetlinkDatapath,
+    peers::MacAddr,
+    sync::{Backoff, PeerSync},
+};
+
+/// Bound on every unary call to the server.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the server assigned to this node.
+#[derive(Debug, Clone)]
+pub struct NodeAssignment {
+    pub block: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+    pub cluster_cidr: Ipv4Net,
+    pub mtu_hint: u32,
+}
+
+/// A stable, locally administered unicast MAC for the node's VTEP, derived
+/// from its name so a recreated device keeps the MAC peers know.
+pub fn vtep_mac_for(node: &str) -> MacAddr {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = hash.to_be_bytes();
+    MacAddr([0x02, b[0], b[1], b[2], b[3], b[4]])
+}
+
+fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn server_channel(config: &Config) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from(config.server.clone())
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        // A server that vanishes without closing the connection (node
+        // crash, partition) is noticed within seconds.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
+}
+
+async fn resolve_server(config: &Config) -> anyhow::Result<Ipv4Addr> {
+    let host = config.server.host().context("--server has no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(ip);
+    }
+    let port = config.server.port_u16().unwrap_or(7400);
+    tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .find_map(|a| match a.ip() {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .with_context(|| format!("{host} has no IPv4 address"))
+}
+
+async fn find_underlay(config: &Config, dp: &NetlinkDatapath) -> anyhow::Result<Underlay> {
+    let mut underlay = match (&config.underlay_interface, config.underlay_ip) {
+        (Some(name), ip) => dp.underlay_named(name, ip).await?,
+        (None, Some(ip)) => dp.underlay_with_ip(ip).await?,
+        (None, None) => {
+            let server = resolve_server(config).await?;
+            dp.underlay_toward(server)
+                .await
+                .with_context(|| format!("finding the underlay toward the server at {server}"))?
+        }
+    };
+    if let Some(mtu) = config.underlay_mtu {
+        underlay.mtu = mtu;
+    }
+    Ok(underlay)
+}
+
+/// Registers the node, retrying with backoff while the server cannot be
+/// reached; a request the server rejects is fatal (it will not change).
+async fn register(
+    client: &mut TopologyClient<Channel>,
+    node: &str,
+    underlay: Ipv4Addr,
+    mac: MacAddr,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Option<NodeAssignment>> {
+    let mut backoff = Backoff::default();
+    loop {
+        let mut request = tonic::Request::new(pb::RegisterNodeRequest {
+            node_name: node.to_owned(),
+            underlay_ip: underlay.to_string(),
+            vtep_mac: mac.to_string(),
+        });
+        request.set_timeout(RPC_TIMEOUT);
+        let result = tokio::select! {
+            () = crate::sync::stopped(stop) => return Ok(None),
+            r = client.register_node(request) => r,
+        };
+        match result {
+            Ok(r) => {
+                let r = r.into_inner();
+                return Ok(Some(NodeAssignment {
+                    block: r
+                        .block
+                        .parse()
+                        .with_context(|| format!("server sent block {:?}", r.block))?,
+                    gateway: r
+                        .gateway
+                        .parse()
+                        .with_context(|| format!("server sent gateway {:?}", r.gateway))?,
+                    vni: r.vni,
+                    cluster_cidr: r.cluster_cidr.parse().with_context(|| {
+                        format!("server sent cluster CIDR {:?}", r.cluster_cidr)
+                    })?,
+                    mtu_hint: r.mtu_hint,
+                }));
+            }
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::InvalidArgument | Code::ResourceExhausted | Code::PermissionDenied
+                ) =>
+            {
+                bail!(
+                    "the server refused to register node {node}: {}",
+                    s.message()
+                );
+            }
+            Err(s) => {
+                let delay = backoff.next_delay();
+                warn!(code = ?s.code(), message = s.message(), retry_in = ?delay, "server unreachable; retrying registration");
+                tokio::select! {
+                    () = crate::sync::stopped(stop) => return Ok(None),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Builds the node's datapath for its assignment. Idempotent: on a
+/// configured node nothing changes.
+pub async fn build_datapath<D: Datapath>(
+    dp: &D,
+    underlay: &Underlay,
+    mac: MacAddr,
+    assignment: &NodeAssignment,
+) -> anyhow::Result<u32> {
+    let mtu = if assignment.mtu_hint > 0 {
+        assignment.mtu_hint
+    } else {
+        underlay.mtu.saturating_sub(VXLAN_OVERHEAD)
+    };
+    dp.ensure_vtep(&VtepSpec {
+        vni: assignment.vni,
+        local: underlay.ip,
+        underlay_ifindex: underlay.ifindex,
+        mtu,
+        mac,
+        address: assignment.block.network(),
+    })
+    .await
+    .context("setting up the VXLAN device")?;
+    dp.ensure_bridge(&BridgeSpec {
+        gateway: Ipv4Net::new(assignment.gateway, assignment.block.prefix_len())?,
+        mtu,
+    })
+    .await
+    .context("setting up the bridge")?;
+    dp.ensure_forwarding()
+        .await
+        .context("enabling forwarding")?;
+    dp.ensure_masquerade(&MasqueradeSpec {
+        block: assignment.block,
+        cluster: assignment.cluster_cidr,
+    })
+    .await
+    .context("installing the masquerade rule")?;
+    Ok(mtu)
+}
+
+async fn heartbeats(
+    mut client: TopologyClient<Channel>,
+    node: String,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = crate::sync::stopped(&mut stop) => return,
+            _ = tick.tick() => {}
+        }
+        let mut request = tonic::Request::new(pb::HeartbeatRequest {
+            node_name: node.clone(),
+        });
+        request.set_timeout(RPC_TIMEOUT);
+        match client.heartbeat(request).await {
+            Ok(_) => {}
+            // Deleted by an operator: re-registering on our own would undo
+            // the deletion, so say so and leave it to them.
+            Err(s) if s.code() == Code::NotFound => {
+                error!(%node, "this node was deleted from weft-server; restart the agent to register it again")
+            }
+            Err(s) => warn!(code = ?s.code(), message = s.message(), "heartbeat failed"),
+        }
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// The binary's whole life.
+pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok());
+    let config = Config::from_cli(cli, hostname)?;
+    init_tracing(config.log_format, &config.log)?;
+    let node = config.node_name.clone();
+
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        match shutdown_signal().await {
+            Ok(()) => info!("signal received; stopping and leaving the datapath in place"),
+            Err(e) => error!(error = %e, "cannot wait for signals"),
+        }
+        stop_tx.send_replace(true);
+    });
+
+    let (ready_tx, ready) = watch::channel(false);
+    let metrics = AgentMetrics::new();
+    let metrics_task = tokio::spawn({
+        let (metrics, ready, mut stop) = (metrics.clone(), ready.clone(), stop.clone());
+        let addr = config.metrics_listen;
+        async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = metrics::serve(addr, metrics, ready, shutdown).await {
+                error!(error = %e, %addr, "metrics listener failed");
+            }
+        }
+    });
+
+    let dp = Arc::new(NetlinkDatapath::connect()?);
+    let underlay = find_underlay(&config, &dp).await?;
+    let mac = match dp.vtep_mac().await? {
+        Some(mac) => mac,
+        None => vtep_mac_for(&node),
+    };
+    info!(%node, underlay_ip = %underlay.ip, underlay_if = %underlay.ifname, underlay_mtu = underlay.mtu, %mac, server = %config.server, "starting");
+
+    let channel = server_channel(&config)?;
+    let mut client = TopologyClient::new(channel.clone());
+    let mut stop_reg = stop.clone();
+    let Some(assignment) = register(&mut client, &node, underlay.ip, mac, &mut stop_reg).await?
+    else {
+        return Ok(());
+    };
+    let mtu = build_datapath(dp.as_ref(), &underlay, mac, &assignment).await?;
+    info!(block = %assignment.block, gateway = %assignment.gateway, vni = assignment.vni, mtu, "node registered and datapath ready");
+
+    let heartbeat = tokio::spawn(heartbeats(
+        client.clone(),
+        node.clone(),
+        Duration::from_secs(config.heartbeat_seconds),
+        stop.clone(),
+    ));
+    let (synced_tx, mut synced) = watch::channel(false);
+    let sync = tokio::spawn(
+        PeerSync {
+            datapath: dp.clone(),
+            client,
+            node: node.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(synced_tx, stop.clone()),
+    );
+
+    let mut stop_wait = stop.clone();
+    tokio::select! {
+        () = crate::sync::stopped(&mut stop_wait) => {}
+        r = async { synced.wait_for(|s| *s).await.map(|_| ()) } => if r.is_ok() {
+            let path = cni_conf::write(&config.cni_conf_dir, &config.socket)
+                .with_context(|| format!("writing the CNI config into {}", config.cni_conf_dir.display()))?;
+            ready_tx.send_replace(true);
+            info!(path = %path.display(), "node ready; CNI config written");
+        },
+    }
+
+    let mut stop_wait = stop.clone();
+    let _ = stop_wait.wait_for(|s| *s).await;
+    for task in [sync, heartbeat, metrics_task] {
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            warn!("a task did not stop in time");
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::fake::RecordingDatapath;
+
+    #[test]
+    fn vtep_macs_are_stable_unicast_and_local() {
+        let a = vtep_mac_for("node-a");
+        assert_eq!(a, vtep_mac_for("node-a"));
+        assert_ne!(a, vtep_mac_for("node-b"));
+        assert_eq!(a.0[0], 0x02);
+    }
+
+    fn assignment(mtu_hint: u32) -> NodeAssignment {
+        NodeAssignment {
+            block: "10.244.3.0/24".parse().unwrap(),
+            gateway: "10.244.3.1".parse().unwrap(),
+            vni: 1,
+            cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+            mtu_hint,
+        }
+    }
+
+    fn underlay() -> Underlay {
+        Underlay {
+            ip: "198.51.100.3".parse().unwrap(),
+            ifindex: 2,
+            ifname: "eth0".into(),
+            mtu: 1500,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_datapath_is_built_vtep_first_with_the_overhead_subtracted() {
+        let dp = RecordingDatapath::default();
+        let mac = vtep_mac_for("n");
+        let mtu = build_datapath(&dp, &underlay(), mac, &assignment(0))
+            .await
+            .unwrap();
+        assert_eq!(mtu, 1450);
+        assert_eq!(
+            dp.calls(),
+            [
+                format!("ensure_vtep vni=1 local=198.51.100.3 mtu=1450 mac={mac}"),
+                "ensure_bridge 10.244.3.1/24 mtu=1450".to_string(),
+                "ensure_forwarding".to_string(),
+                "ensure_masquerade 10.244.3.0/24 !10.244.0.0/16".to_string(),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_mtu_hint_wins() {
+        let dp = RecordingDatapath::default();
+        assert_eq!(
+            build_datapath(&dp, &underlay(), vtep_mac_for("n"), &assignment(1400))
+                .await
+                .unwrap(),
+            1400
+        );
+    }
+}

@@ -1,0 +1,6 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    weft_agent::run(weft_agent::config::Cli::parse()).await
+}

@@ -1,0 +1,242 @@
+//! One reconcile pass: read the peer entries the kernel has, plan against
+//! what the peer set implies, apply the plan. Best-effort like a teardown:
+//! one failing entry does not stop the others, and every failure is
+//! reported together.
+
+use std::fmt;
+
+use tracing::{debug, info};
+
+use crate::{
+    datapath::{Datapath, DatapathError},
+    peers::{Entry, PeerSet, desired_entries, plan},
+};
+
+/// What one pass changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub added: usize,
+    pub removed: usize,
+}
+
+#[derive(Debug)]
+pub enum ReconcileError {
+    /// The kernel state could not be read; nothing was changed.
+    Read(DatapathError),
+    /// Some changes failed; the rest were applied.
+    Partial {
+        applied: Applied,
+        failed: Vec<(Entry, DatapathError)>,
+    },
+}
+
+impl fmt::Display for ReconcileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReconcileError::Read(e) => write!(f, "reading peer entries: {e}"),
+            ReconcileError::Partial { failed, .. } => {
+                write!(f, "{} peer entry changes failed:", failed.len())?;
+                for (entry, e) in failed {
+                    write!(f, " [{entry}: {e}]")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReconcileError {}
+
+pub async fn reconcile<D: Datapath>(dp: &D, peers: &PeerSet) -> Result<Applied, ReconcileError> {
+    let current = dp.peer_entries().await.map_err(ReconcileError::Read)?;
+    let desired = desired_entries(peers.peers());
+    let plan = plan(&current, &desired);
+    if plan.is_empty() {
+        debug!(
+            peers = peers.len(),
+            revision = peers.revision(),
+            "peer entries in sync"
+        );
+        return Ok(Applied::default());
+    }
+    let mut applied = Applied::default();
+    let mut failed = Vec::new();
+    for entry in &plan.remove {
+        match dp.remove_entry(entry).await {
+            Ok(()) => {
+                applied.removed += 1;
+                info!(%entry, "removed");
+            }
+            Err(e) => failed.push((*entry, e)),
+        }
+    }
+    for entry in &plan.add {
+        match dp.add_entry(entry).await {
+            Ok(()) => {
+                applied.added += 1;
+                info!(%entry, "added");
+            }
+            Err(e) => failed.push((*entry, e)),
+        }
+    }
+    if failed.is_empty() {
+        Ok(applied)
+    } else {
+        Err(ReconcileError::Partial { applied, failed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{datapath::fake::RecordingDatapath, peers::Peer};
+
+    fn peer(name: &str, n: u8, mac: u8) -> Peer {
+        Peer::parse(
+            name,
+            &format!("198.51.100.{n}"),
+            &format!("02:00:00:00:00:{mac:02x}"),
+            &format!("10.244.{n}.0/24"),
+        )
+        .unwrap()
+    }
+
+    fn set(peers: Vec<Peer>) -> PeerSet {
+        let mut s = PeerSet::default();
+        s.reset(1, peers, "self");
+        s
+    }
+
+    #[tokio::test]
+    async fn adds_every_entry_of_a_new_peer_in_order() {
+        let dp = RecordingDatapath::default();
+        let applied = reconcile(&dp, &set(vec![peer("b", 2, 2)])).await.unwrap();
+        assert_eq!(
+            applied,
+            Applied {
+                added: 3,
+                removed: 0
+            }
+        );
+        assert_eq!(
+            dp.calls(),
+            [
+                "add fdb 02:00:00:00:00:02 dst 198.51.100.2",
+                "add neighbour 10.244.2.0 lladdr 02:00:00:00:00:02",
+                "add route 10.244.2.0/24 via 10.244.2.0 onlink",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_pass_changes_nothing() {
+        let dp = RecordingDatapath::default();
+        let peers = set(vec![peer("b", 2, 2), peer("c", 3, 3)]);
+        reconcile(&dp, &peers).await.unwrap();
+        dp.take_calls();
+        assert_eq!(reconcile(&dp, &peers).await.unwrap(), Applied::default());
+        assert!(dp.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_removed_peer_loses_all_three_entries() {
+        let dp = RecordingDatapath::default();
+        reconcile(&dp, &set(vec![peer("b", 2, 2), peer("c", 3, 3)]))
+            .await
+            .unwrap();
+        dp.take_calls();
+        reconcile(&dp, &set(vec![peer("b", 2, 2)])).await.unwrap();
+        assert_eq!(
+            dp.calls(),
+            [
+                "remove route 10.244.3.0/24 via 10.244.3.0 onlink",
+                "remove neighbour 10.244.3.0 lladdr 02:00:00:00:00:03",
+                "remove fdb 02:00:00:00:00:03 dst 198.51.100.3",
+            ]
+        );
+        assert_eq!(dp.entries.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_mac_change_swaps_the_neighbour_and_fdb_entry() {
+        let dp = RecordingDatapath::default();
+        reconcile(&dp, &set(vec![peer("b", 2, 2)])).await.unwrap();
+        dp.take_calls();
+        reconcile(&dp, &set(vec![peer("b", 2, 0x22)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            dp.calls(),
+            [
+                "remove fdb 02:00:00:00:00:02 dst 198.51.100.2",
+                "add fdb 02:00:00:00:00:22 dst 198.51.100.2",
+                "add neighbour 10.244.2.0 lladdr 02:00:00:00:00:22",
+            ]
+        );
+        let expected = desired_entries(set(vec![peer("b", 2, 0x22)]).peers());
+        assert_eq!(*dp.entries.lock().unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn an_underlay_change_moves_the_fdb_entry() {
+        let dp = RecordingDatapath::default();
+        reconcile(&dp, &set(vec![peer("b", 2, 2)])).await.unwrap();
+        dp.take_calls();
+        let mut moved = peer("b", 2, 2);
+        moved.underlay_ip = "198.51.100.99".parse().unwrap();
+        reconcile(&dp, &set(vec![moved])).await.unwrap();
+        assert_eq!(
+            dp.calls(),
+            [
+                "remove fdb 02:00:00:00:00:02 dst 198.51.100.2",
+                "add fdb 02:00:00:00:00:02 dst 198.51.100.99"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_resync_removes_strays() {
+        let stray = Entry::Route {
+            block: "10.244.99.0/24".parse().unwrap(),
+            via: "0.0.0.0".parse().unwrap(),
+        };
+        let mut kernel = desired_entries(set(vec![peer("b", 2, 2), peer("old", 7, 7)]).peers());
+        kernel.insert(stray);
+        let dp = RecordingDatapath::with_entries(kernel);
+        let applied = reconcile(&dp, &set(vec![peer("b", 2, 2)])).await.unwrap();
+        assert_eq!(
+            applied,
+            Applied {
+                added: 0,
+                removed: 4
+            }
+        );
+        assert!(
+            dp.calls()
+                .contains(&"remove route 10.244.99.0/24 direct".to_string())
+        );
+        assert_eq!(
+            *dp.entries.lock().unwrap(),
+            desired_entries(set(vec![peer("b", 2, 2)]).peers())
+        );
+    }
+
+    #[tokio::test]
+    async fn one_failing_entry_does_not_stop_the_others() {
+        let dp = RecordingDatapath::default();
+        let bad = Entry::Fdb {
+            mac: "02:00:00:00:00:02".parse().unwrap(),
+            dst: "198.51.100.2".parse().unwrap(),
+        };
+        dp.failing.lock().unwrap().insert(bad);
+        let err = reconcile(&dp, &set(vec![peer("b", 2, 2), peer("c", 3, 3)]))
+            .await
+            .unwrap_err();
+        let ReconcileError::Partial { applied, failed } = err else {
+            panic!("expected a partial failure")
+        };
+        assert_eq!(applied.added, 5);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, bad);
+    }
+}

@@ -1,0 +1,255 @@
+//! Peer sync: holds a WatchPeers stream to the server, folds its snapshots
+//! and changes into the [`PeerSet`], and reconciles the kernel after each.
+//! A broken stream is reopened with backoff from the last applied revision,
+//! so the server sends only what was missed (or a snapshot, after which
+//! every Weft-owned entry not in it is removed). A periodic pass repairs
+//! entries changed behind the agent's back.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{error, info, warn};
+use weft_proto::v1::{self as pb, peer_event::Event, topology_client::TopologyClient};
+
+use crate::{
+    datapath::Datapath,
+    metrics::AgentMetrics,
+    peers::{BadPeer, Peer, PeerSet},
+    reconcile::reconcile,
+};
+
+/// How often the kernel is re-checked without any event.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Resolves once `stop` turns true (or its sender is gone). Unlike
+/// `wait_for`, it holds no borrow of the value across an await.
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Exponential backoff for reconnects: 250 ms doubling up to 10 s.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(10);
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+fn peer_from(p: &pb::Peer) -> Result<Peer, BadPeer> {
+    Peer::parse(&p.node_name, &p.underlay_ip, &p.vtep_mac, &p.block)
+}
+
+/// Folds one event into the set. A malformed peer is skipped (and
+/// reported) rather than programmed wrong; the revision still advances.
+pub fn apply_event(
+    set: &mut PeerSet,
+    event: &pb::PeerEvent,
+    own: &str,
+) -> Result<(), Vec<BadPeer>> {
+    if event.revision <= set.revision() && !matches!(event.event, Some(Event::Snapshot(_))) {
+        return Ok(());
+    }
+    let mut bad = Vec::new();
+    match &event.event {
+        Some(Event::Snapshot(s)) => {
+            let peers = s
+                .peers
+                .iter()
+                .filter_map(|p| peer_from(p).map_err(|e| bad.push(e)).ok())
+                .collect();
+            set.reset(event.revision, peers, own);
+        }
+        Some(Event::Upsert(p)) => match peer_from(p) {
+            Ok(peer) => set.upsert(event.revision, peer, own),
+            Err(e) => {
+                // Better no tunnel to that node than a wrong one.
+                set.remove(event.revision, &p.node_name);
+                bad.push(e);
+            }
+        },
+        Some(Event::Delete(name)) => set.remove(event.revision, name),
+        None => set.remove(event.revision, ""),
+    }
+    if bad.is_empty() { Ok(()) } else { Err(bad) }
+}
+
+#[derive(Debug)]
+pub struct PeerSync<D> {
+    pub datapath: Arc<D>,
+    pub client: TopologyClient<Channel>,
+    pub node: String,
+    pub metrics: AgentMetrics,
+}
+
+impl<D: Datapath + 'static> PeerSync<D> {
+    /// Runs until `stop` turns true. `synced` turns true after the first
+    /// successful reconcile against the server's view.
+    pub async fn run(mut self, synced: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
+        let mut set = PeerSet::default();
+        let mut backoff = Backoff::default();
+        let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let request = pb::WatchPeersRequest {
+                node_name: self.node.clone(),
+                since_revision: set.revision(),
+            };
+            let opened = tokio::select! {
+                () = crate::sync::stopped(&mut stop) => return,
+                r = self.client.watch_peers(request) => r,
+            };
+            match opened {
+                Err(status) => {
+                    warn!(code = ?status.code(), message = status.message(), "cannot watch peers; retrying")
+                }
+                Ok(response) => {
+                    info!(since = set.revision(), "watching peers");
+                    let mut stream = response.into_inner();
+                    loop {
+                        tokio::select! {
+                            () = crate::sync::stopped(&mut stop) => return,
+                            _ = resync.tick() => {
+                                let was_synced = *synced.borrow();
+                                if was_synced {
+                                    self.reconcile(&set, &synced).await;
+                                }
+                            }
+                            msg = stream.message() => match msg {
+                                Ok(Some(event)) => {
+                                    backoff.reset();
+                                    if let Err(bad) = apply_event(&mut set, &event, &self.node) {
+                                        for e in bad {
+                                            error!(error = %e, "ignoring a malformed peer");
+                                        }
+                                    }
+                                    self.metrics.peers.set(i64::try_from(set.len()).unwrap_or(i64::MAX));
+                                    self.reconcile(&set, &synced).await;
+                                }
+                                Ok(None) => {
+                                    warn!("server ended the peer stream; reconnecting");
+                                    break;
+                                }
+                                Err(status) => {
+                                    warn!(code = ?status.code(), message = status.message(), "peer stream broke; reconnecting");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                () = crate::sync::stopped(&mut stop) => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn reconcile(&self, set: &PeerSet, synced: &watch::Sender<bool>) {
+        match reconcile(self.datapath.as_ref(), set).await {
+            Ok(applied) => {
+                self.metrics
+                    .count_reconcile("ok", applied.added + applied.removed);
+                let was_synced = *synced.borrow();
+                if !was_synced {
+                    info!(
+                        peers = set.len(),
+                        revision = set.revision(),
+                        "peer entries in sync"
+                    );
+                    synced.send_replace(true);
+                }
+            }
+            Err(e) => {
+                self.metrics.count_reconcile("error", 0);
+                error!(error = %e, revision = set.revision(), "reconciling peer entries");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pb_peer(name: &str, n: u8) -> pb::Peer {
+        pb::Peer {
+            node_name: name.into(),
+            underlay_ip: format!("198.51.100.{n}"),
+            vtep_mac: format!("02:00:00:00:00:{n:02x}"),
+            block: format!("10.244.{n}.0/24"),
+        }
+    }
+
+    fn ev(revision: u64, event: Event) -> pb::PeerEvent {
+        pb::PeerEvent {
+            revision,
+            event: Some(event),
+        }
+    }
+
+    #[test]
+    fn events_fold_into_the_peer_set() {
+        let mut set = PeerSet::default();
+        apply_event(
+            &mut set,
+            &ev(
+                3,
+                Event::Snapshot(pb::PeerSnapshot {
+                    peers: vec![pb_peer("a", 1), pb_peer("me", 9)],
+                }),
+            ),
+            "me",
+        )
+        .unwrap();
+        apply_event(&mut set, &ev(4, Event::Upsert(pb_peer("b", 2))), "me").unwrap();
+        apply_event(&mut set, &ev(5, Event::Delete("a".into())), "me").unwrap();
+        // A replayed old event changes nothing.
+        apply_event(&mut set, &ev(4, Event::Upsert(pb_peer("a", 1))), "me").unwrap();
+        assert_eq!(set.revision(), 5);
+        let names: Vec<&str> = set.peers().map(|p| p.node_name.as_str()).collect();
+        assert_eq!(names, ["b"]);
+    }
+
+    #[test]
+    fn a_malformed_upsert_withdraws_the_peer_and_is_reported() {
+        let mut set = PeerSet::default();
+        apply_event(&mut set, &ev(1, Event::Upsert(pb_peer("b", 2))), "me").unwrap();
+        let mut bad = pb_peer("b", 2);
+        bad.vtep_mac = "garbage".into();
+        let err = apply_event(&mut set, &ev(2, Event::Upsert(bad)), "me").unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert!(set.is_empty());
+        assert_eq!(set.revision(), 2);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_ten_seconds_and_resets() {
+        let mut b = Backoff::default();
+        let delays: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 8000, 10000, 10000]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,455 @@
+//! A throwaway Weft cluster made of network namespaces, for privileged
+//! tests: a fabric bridge, a control namespace running the real
+//! weft-server on 198.51.100.254, and node namespaces running the real
+//! weft-agent. Everything it made (namespaces, processes, database) is
+//! removed on drop, which also runs when a test panics.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const SERVER_IP: &str = "198.51.100.254";
+
+/// Root is needed for namespaces. Outside CI a test may skip; in CI the
+/// datapath must never go untested.
+pub fn require_root() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "privileged test needs root in CI"
+    );
+    eprintln!("skipping: needs root (network namespaces)");
+    false
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+pub fn in_ns(ns: &str, args: &[&str]) -> Output {
+    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+}
+
+pub fn in_ns_json(ns: &str, args: &[&str]) -> Value {
+    let out = in_ns(ns, args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Value::Array(vec![]);
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+}
+
+fn bin_dir() -> PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+pub struct Cluster {
+    pub id: String,
+    pub fabric: String,
+    pub control: String,
+    pub nodes: Vec<String>,
+    pub dir: PathBuf,
+    server: Option<Child>,
+    pub agents: Vec<Option<Agent>>,
+    database: String,
+    admin_url: String,
+    namespaces: Vec<String>,
+    starts: u32,
+}
+
+impl Cluster {
+    /// Fabric + control namespaces and `nodes` node namespaces; the server
+    /// is started, the agents are not.
+    pub fn new(nodes: usize) -> Self {
+        let id = format!(
+            "wt{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let admin_url = std::env::var("DATABASE_URL").expect("DATABASE_URL (scripts/test sets it)");
+        let dir = std::env::temp_dir().join(&id);
+        fs::create_dir_all(&dir).unwrap();
+        let mut c = Cluster {
+            fabric: format!("{id}-fabric"),
+            control: format!("{id}-control"),
+            nodes: (1..=nodes).map(|n| format!("{id}-node{n}")).collect(),
+            dir,
+            server: None,
+            agents: (0..nodes).map(|_| None).collect(),
+            database: id.clone(),
+            admin_url,
+            namespaces: Vec::new(),
+            starts: 0,
+            id,
+        };
+        c.add_ns(&c.fabric.clone());
+        in_ns(&c.fabric, &["ip", "link", "add", "br0", "type", "bridge"]);
+        in_ns(&c.fabric, &["ip", "link", "set", "br0", "up"]);
+        let control = c.control.clone();
+        c.attach(&control, "ctl", SERVER_IP);
+        for (i, node) in c.nodes.clone().iter().enumerate() {
+            c.attach(
+                node,
+                &format!("n{}", i + 1),
+                &format!("198.51.100.{}", i + 1),
+            );
+        }
+        c.create_database();
+        c.start_server();
+        c
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        ip(&["netns", "add", ns]);
+        self.namespaces.push(ns.to_owned());
+        in_ns(ns, &["ip", "link", "set", "lo", "up"]);
+    }
+
+    fn attach(&mut self, ns: &str, port: &str, addr: &str) {
+        self.add_ns(ns);
+        in_ns(
+            ns,
+            &[
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                &self.fabric,
+            ],
+        );
+        in_ns(
+            &self.fabric,
+            &["ip", "link", "set", port, "master", "br0", "up"],
+        );
+        in_ns(
+            ns,
+            &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+        );
+        in_ns(ns, &["ip", "link", "set", "eth0", "up"]);
+    }
+
+    fn psql(&self, sql: &str) {
+        run(Command::new("psql").args([&self.admin_url, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql]));
+    }
+
+    fn create_database(&self) {
+        self.psql(&format!("CREATE DATABASE {}", self.database));
+    }
+
+    pub fn database_url(&self) -> String {
+        let (head, query) = self
+            .admin_url
+            .split_once('?')
+            .unwrap_or((&self.admin_url, ""));
+        let (server, _) = head.rsplit_once('/').unwrap();
+        if query.is_empty() {
+            format!("{server}/{}", self.database)
+        } else {
+            format!("{server}/{}?{query}", self.database)
+        }
+    }
+
+    pub fn start_server(&mut self) {
+        let log = fs::File::create(self.dir.join("server.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.control])
+            .arg(bin_dir().join("weft-server"))
+            .args([
+                "--listen",
+                &format!("{SERVER_IP}:7400"),
+                "--metrics-listen",
+                &format!("{SERVER_IP}:7401"),
+            ])
+            .env("DATABASE_URL", self.database_url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+        let control = self.control.clone();
+        wait_until("weft-server to listen", Duration::from_secs(20), || {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &control,
+                    "bash",
+                    "-c",
+                    &format!("exec 3<>/dev/tcp/{SERVER_IP}/7400"),
+                ])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    }
+
+    pub fn stop_server(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn cni_dir(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("node{node}-net.d"))
+    }
+
+    /// Starts the agent of node `node` (0-based) without waiting.
+    pub fn spawn_agent(&mut self, node: usize) {
+        assert!(self.agents[node].is_none(), "agent {node} already running");
+        self.starts += 1;
+        let log = self.dir.join(format!("agent{node}-{}.log", self.starts));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.nodes[node]])
+            .arg(bin_dir().join("weft-agent"))
+            .args(["--server", &format!("http://{SERVER_IP}:7400")])
+            .args(["--node-name", &format!("node{}", node + 1)])
+            .arg("--socket")
+            .arg(self.dir.join(format!("node{node}.sock")))
+            .arg("--cni-conf-dir")
+            .arg(self.cni_dir(node))
+            .args(["--metrics-listen", &format!("198.51.100.{}:7402", node + 1)])
+            .env("WEFT_LOG", "info,weft_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.agents[node] = Some(Agent { child, log });
+    }
+
+    pub fn agent_log(&self, node: usize) -> String {
+        self.agents[node]
+            .as_ref()
+            .map(|a| fs::read_to_string(&a.log).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Starts the agent and waits until it says the node is ready.
+    pub fn start_agent(&mut self, node: usize) {
+        self.spawn_agent(node);
+        wait_until(
+            &format!("agent {node} ready"),
+            Duration::from_secs(20),
+            || self.agent_log(node).contains("node ready"),
+        );
+    }
+
+    /// SIGTERM, as the kubelet sends it, and wait for a clean exit.
+    pub fn stop_agent(&mut self, node: usize) {
+        let mut agent = self.agents[node].take().expect("agent not running");
+        // The child is `ip netns exec`, which execs the agent: same PID.
+        run(Command::new("kill").args(["-TERM", &agent.child.id().to_string()]));
+        let status = agent.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "agent exited with {status:?} after SIGTERM"
+        );
+    }
+
+    pub fn grpc(&self, method: &str, body: &str) -> Value {
+        let out = in_ns(
+            &self.control,
+            &[
+                "grpcurl",
+                "-plaintext",
+                "-d",
+                body,
+                &format!("{SERVER_IP}:7400"),
+                method,
+            ],
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// The node's gateway (from the bridge) and its VTEP MAC.
+    pub fn gateway(&self, node: usize) -> String {
+        let addrs = in_ns_json(
+            &self.nodes[node],
+            &["ip", "-j", "-4", "addr", "show", "dev", "weft0"],
+        );
+        addrs[0]["addr_info"][0]["local"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn vtep_mac(&self, node: usize) -> String {
+        let link = in_ns_json(
+            &self.nodes[node],
+            &["ip", "-j", "link", "show", "dev", "weft.vxlan"],
+        );
+        link[0]["address"].as_str().unwrap().to_owned()
+    }
+
+    pub fn routes_on_tunnel(&self, node: usize) -> Vec<Value> {
+        in_ns_json(
+            &self.nodes[node],
+            &["ip", "-j", "-4", "route", "show", "dev", "weft.vxlan"],
+        )
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    }
+
+    pub fn neighbours_on_tunnel(&self, node: usize) -> Vec<Value> {
+        in_ns_json(
+            &self.nodes[node],
+            &["ip", "-j", "-4", "neigh", "show", "dev", "weft.vxlan"],
+        )
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    }
+
+    pub fn fdb_on_tunnel(&self, node: usize) -> Vec<Value> {
+        in_ns_json(
+            &self.nodes[node],
+            &["bridge", "-j", "fdb", "show", "dev", "weft.vxlan"],
+        )
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    }
+
+    /// Everything Weft may touch in a node, with kernel timers removed.
+    pub fn kernel_state(&self, node: usize) -> String {
+        let ns = &self.nodes[node];
+        let mut parts = Vec::new();
+        for args in [
+            &["ip", "-j", "-d", "link", "show"][..],
+            &["ip", "-j", "addr", "show"],
+            &["ip", "-j", "route", "show", "table", "all"],
+            // Dynamic ARP entries come and go with traffic; Weft's are permanent.
+            &["ip", "-j", "neigh", "show", "nud", "permanent"],
+            &["bridge", "-j", "fdb", "show"],
+            &["nft", "-j", "list", "ruleset"],
+            &["cat", "/proc/sys/net/ipv4/ip_forward"],
+        ] {
+            let mut v: Value =
+                serde_json::from_slice(&in_ns(ns, args).stdout).unwrap_or(Value::Null);
+            strip_timers(&mut v);
+            parts.push(v.to_string());
+        }
+        parts.join("\n")
+    }
+
+    pub fn ping(&self, node: usize, from: &str, to: &str) -> bool {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.nodes[node],
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                "-I",
+                from,
+                to,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+/// Kernel timers and counters tick on their own; they are not state.
+fn strip_timers(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            map.retain(|k, _| !k.ends_with("_timer") && k != "tentative");
+            map.values_mut().for_each(strip_timers);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_timers),
+        _ => {}
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for agent in self.agents.iter_mut().filter_map(Option::take) {
+            let mut child = agent.child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.stop_server();
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("psql")
+            .args([
+                &self.admin_url,
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if std::thread::panicking() {
+            eprintln!("test failed; logs of {} follow", self.id);
+            for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                eprintln!(
+                    "--- {}\n{}",
+                    entry.path().display(),
+                    fs::read_to_string(entry.path()).unwrap_or_default()
+                );
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
