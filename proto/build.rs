@@ -9,8 +9,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     unsafe_set_protoc(&protoc);
 
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let protos = ["types", "topology", "ipam", "admin"]
-        .map(|name| PathBuf::from(format!("proto/weft/v1/{name}.proto")));
+    let protos = [
+        "weft/v1/types",
+        "weft/v1/topology",
+        "weft/v1/ipam",
+        "weft/v1/admin",
+        "weft/agent/v1/cni",
+    ]
+    .map(|name| PathBuf::from(format!("proto/{name}.proto")));
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("weft_descriptor.bin"))
         .compile_protos(&protos, &[PathBuf::from("proto"), include])?;

@@ -79,6 +79,9 @@ pub struct BridgeSpec {
     /// Gateway address with the block's prefix, e.g. 10.244.3.1/24.
     pub gateway: Ipv4Net,
     pub mtu: u32,
+    /// Set explicitly: a bridge otherwise takes the lowest port MAC, and
+    /// the gateway's MAC would change under the pods as they come and go.
+    pub mac: MacAddr,
 }
 
 /// Masquerade traffic from `block` to anywhere outside `cluster`.
@@ -158,7 +161,10 @@ pub mod fake {
         }
 
         async fn ensure_bridge(&self, spec: &BridgeSpec) -> Result<()> {
-            self.record(format!("ensure_bridge {} mtu={}", spec.gateway, spec.mtu));
+            self.record(format!(
+                "ensure_bridge {} mtu={} mac={}",
+                spec.gateway, spec.mtu, spec.mac
+            ));
             Ok(())
         }
 

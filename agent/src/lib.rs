@@ -11,6 +11,7 @@
 //! On SIGTERM it stops and leaves the datapath in place, so pods keep
 //! working across agent restarts and upgrades.
 
+pub mod cni;
 pub mod cni_conf;
 pub mod config;
 pub mod datapath;
@@ -63,6 +64,14 @@ pub fn vtep_mac_for(node: &str) -> MacAddr {
     });
     let b = hash.to_be_bytes();
     MacAddr([0x02, b[0], b[1], b[2], b[3], b[4]])
+}
+
+/// The bridge's MAC: the VTEP's with the second octet flipped, so both are
+/// stable and never equal.
+pub fn bridge_mac_for(vtep: MacAddr) -> MacAddr {
+    let mut b = vtep.0;
+    b[1] ^= 0xff;
+    MacAddr(b)
 }
 
 fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
@@ -212,6 +221,7 @@ pub async fn build_datapath<D: Datapath>(
     dp.ensure_bridge(&BridgeSpec {
         gateway: Ipv4Net::new(assignment.gateway, assignment.block.prefix_len())?,
         mtu,
+        mac: bridge_mac_for(mac),
     })
     .await
     .context("setting up the bridge")?;
@@ -254,6 +264,45 @@ async fn heartbeats(
             Err(s) => warn!(code = ?s.code(), message = s.message(), "heartbeat failed"),
         }
     }
+}
+
+/// Serves the CNI endpoint on the unix socket, root-only (0600).
+async fn serve_cni(
+    path: &std::path::Path,
+    service: cni::CniService,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by a previous run would make bind fail.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    info!(socket = %path.display(), "serving CNI requests");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let router = tonic::transport::Server::builder().add_service(
+        weft_proto::agent::v1::cni_server::CniServer::new(service)
+            .max_decoding_message_size(1 << 20),
+    );
+    Ok(tokio::spawn(async move {
+        let shutdown = async move { crate::sync::stopped(&mut stop).await };
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            error!(error = %e, "CNI server failed");
+        }
+    }))
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {
@@ -318,6 +367,18 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     let mtu = build_datapath(dp.as_ref(), &underlay, mac, &assignment).await?;
     info!(block = %assignment.block, gateway = %assignment.gateway, vni = assignment.vni, mtu, "node registered and datapath ready");
 
+    let cni_task = serve_cni(
+        &config.socket,
+        cni::CniService::new(
+            node.clone(),
+            mtu,
+            channel.clone(),
+            cni::pod::PodNetwork::new(dp.handle()),
+        ),
+        stop.clone(),
+    )
+    .await?;
+
     let heartbeat = tokio::spawn(heartbeats(
         client.clone(),
         node.clone(),
@@ -348,7 +409,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
 
     let mut stop_wait = stop.clone();
     let _ = stop_wait.wait_for(|s| *s).await;
-    for task in [sync, heartbeat, metrics_task] {
+    for task in [sync, heartbeat, metrics_task, cni_task] {
         if tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .is_err()
@@ -404,7 +465,10 @@ mod tests {
             dp.calls(),
             [
                 format!("ensure_vtep vni=1 local=198.51.100.3 mtu=1450 mac={mac}"),
-                "ensure_bridge 10.244.3.1/24 mtu=1450".to_string(),
+                format!(
+                    "ensure_bridge 10.244.3.1/24 mtu=1450 mac={}",
+                    bridge_mac_for(mac)
+                ),
                 "ensure_forwarding".to_string(),
                 "ensure_masquerade 10.244.3.0/24 !10.244.0.0/16".to_string(),
             ]

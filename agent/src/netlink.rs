@@ -137,6 +137,11 @@ impl NetlinkDatapath {
         Ok(Self { handle })
     }
 
+    /// The underlying handle, for pod wiring in the same namespace.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
     async fn link(&self, name: &str) -> Result<Option<LinkMessage>> {
         let mut links = self
             .handle
@@ -477,6 +482,20 @@ impl Datapath for NetlinkDatapath {
                 })?
             }
         };
+        if link_mac(&link) != Some(spec.mac) {
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(link.header.index)
+                        .address(spec.mac.0.to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(DatapathError::netlink(format!(
+                    "setting the MAC of {BRIDGE_NAME}"
+                )))?;
+        }
         self.ensure_mtu_up(&link, BRIDGE_NAME, spec.mtu).await?;
         self.ensure_only_address(link.header.index, BRIDGE_NAME, spec.gateway)
             .await

@@ -435,6 +435,37 @@ impl Ipam for Services {
         .await;
         self.finish("Gc", start, result)
     }
+
+    async fn lookup(
+        &self,
+        request: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        let start = Instant::now();
+        let result = self
+            .lookup_inner(request.into_inner())
+            .await
+            .map(Response::new);
+        self.finish("Lookup", start, result)
+    }
+}
+
+impl Services {
+    async fn lookup_inner(&self, req: pb::LookupRequest) -> Result<pb::Allocation, Status> {
+        let node: NodeName = check("node_name", &req.node_name)?;
+        let attachment = check_attachment(&req.container_id, &req.ifname)?;
+        self.inner
+            .store
+            .lookup(&node, &attachment)
+            .await
+            .map_err(status_from)?
+            .map(allocation_pb)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no allocation for {}/{} on node {node}",
+                    attachment.container_id, attachment.ifname
+                ))
+            })
+    }
 }
 
 // === impl Admin ===

@@ -692,6 +692,24 @@ impl Store {
         })
     }
 
+    /// The node's allocation of `attachment`, if any.
+    pub async fn lookup(
+        &self,
+        node: &NodeName,
+        attachment: &Attachment,
+    ) -> Result<Option<AllocationRecord>> {
+        let row: Option<AllocationRow> = sqlx::query_as(
+            "SELECT a.*, n.block FROM allocations a JOIN nodes n ON n.name = a.node_name
+             WHERE a.node_name = $1 AND a.container_id = $2 AND a.ifname = $3",
+        )
+        .bind(node.as_str())
+        .bind(attachment.container_id.as_str())
+        .bind(attachment.ifname.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(allocation_from_row).transpose()
+    }
+
     /// Releases every allocation of `node` that is not in `valid`.
     pub async fn gc(
         &self,

@@ -477,3 +477,50 @@ async fn the_database_refuses_a_doubled_address_even_without_the_server(pool: Pg
         "{err}"
     );
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn lookup_finds_only_the_nodes_own_allocation(pool: PgPool) {
+    let ts = start(pool).await;
+    ts.register("node-a", 1).await;
+    ts.register("node-b", 2).await;
+    ts.allocate("node-a", "c1").await.unwrap();
+    let req = |node: &str, cid: &str| pb::LookupRequest {
+        node_name: node.into(),
+        container_id: cid.into(),
+        ifname: "eth0".into(),
+    };
+    let found = ts
+        .ipam()
+        .lookup(req("node-a", "c1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (found.address.as_str(), found.pod_name.as_str()),
+        ("10.244.0.2/24", "pod-c1")
+    );
+    assert_eq!(
+        ts.ipam()
+            .lookup(req("node-b", "c1"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        ts.ipam()
+            .lookup(req("node-a", "c2"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        ts.ipam()
+            .lookup(req("node-a", ""))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+}

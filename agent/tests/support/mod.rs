@@ -82,6 +82,24 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A helper process that dies with the test, also when it panics.
+pub struct KillOnDrop(pub Option<Child>);
+
+impl KillOnDrop {
+    pub fn wait_output(mut self) -> Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 pub struct Agent {
     pub child: Child,
     pub log: PathBuf,
@@ -98,7 +116,16 @@ pub struct Cluster {
     database: String,
     admin_url: String,
     namespaces: Vec<String>,
+    pods: Vec<String>,
     starts: u32,
+}
+
+/// What the `weft` plugin printed and returned.
+#[derive(Debug)]
+pub struct CniOutput {
+    pub code: i32,
+    pub stdout: Value,
+    pub stderr: String,
 }
 
 impl Cluster {
@@ -123,6 +150,7 @@ impl Cluster {
             database: id.clone(),
             admin_url,
             namespaces: Vec::new(),
+            pods: Vec::new(),
             starts: 0,
             id,
         };
@@ -419,6 +447,97 @@ fn strip_timers(v: &mut Value) {
     }
 }
 
+impl Cluster {
+    /// A pod network namespace under /var/run/netns, as containerd's CRI
+    /// makes them.
+    pub fn pod_netns(&mut self, name: &str) -> String {
+        let ns = format!("{}-{name}", self.id);
+        ip(&["netns", "add", &ns]);
+        self.pods.push(ns.clone());
+        format!("/var/run/netns/{ns}")
+    }
+
+    pub fn delete_pod_netns(&mut self, name: &str) {
+        let ns = format!("{}-{name}", self.id);
+        ip(&["netns", "del", &ns]);
+        self.pods.retain(|p| *p != ns);
+    }
+
+    pub fn pod_ns_name(&self, name: &str) -> String {
+        format!("{}-{name}", self.id)
+    }
+
+    /// The plugin config as a runtime would pass it to `weft`.
+    pub fn net_conf(&self, node: usize, version: &str) -> Value {
+        serde_json::json!({
+            "cniVersion": version,
+            "name": "weft",
+            "type": "weft",
+            "agentSocket": self.dir.join(format!("node{node}.sock")),
+        })
+    }
+
+    /// Execs the real `weft` binary in node `node`'s namespace with the
+    /// environment containerd sets for a Kubernetes pod.
+    pub fn cni(
+        &self,
+        node: usize,
+        command: &str,
+        container_id: &str,
+        netns: &str,
+        pod: &str,
+        conf: &Value,
+    ) -> CniOutput {
+        use std::io::Write;
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{pod}"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.nodes[node]])
+            .arg(bin_dir().join("weft"))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", args)
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        CniOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: if text.trim().is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text}"))
+            },
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// SQL against the cluster's database, one value per row.
+    pub fn sql(&self, query: &str) -> Vec<String> {
+        let out = run(Command::new("psql").args([&self.database_url(), "-At", "-c", query]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for agent in self.agents.iter_mut().filter_map(Option::take) {
@@ -427,7 +546,7 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
         self.stop_server();
-        for ns in self.namespaces.iter().rev() {
+        for ns in self.pods.iter().chain(self.namespaces.iter().rev()) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = Command::new("psql")

@@ -1,0 +1,454 @@
+//! The agent's CNI service (`weft.agent.v1.Cni` on the unix socket): parses
+//! the runtime's request ([`request`]), does the work (IPAM through the
+//! server, wiring through [`pod`]) and answers with a result shaped for the
+//! requested version ([`result`]) or an error object ([`error`]).
+//! Requests for one (container, ifname) run one at a time; different
+//! attachments run concurrently.
+
+pub mod error;
+pub mod pod;
+pub mod request;
+pub mod result;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use tonic::{Code as GrpcCode, Request, Response, Status, transport::Channel};
+use tracing::{info, instrument, warn};
+use weft_proto::{
+    agent::v1::{ExecRequest, ExecResponse, cni_server::Cni},
+    v1::{self as pb, ipam_client::IpamClient, topology_client::TopologyClient},
+};
+
+use self::{
+    error::{CniError, Code},
+    pod::{PodNetwork, PodSpec, host_ifname},
+    request::{Command, Request as CniRequest},
+};
+
+/// ADD must fail fast (with "try again later") when the server is away.
+const IPAM_TIMEOUT: Duration = Duration::from_secs(5);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// (container id, ifname)
+type AttachmentKey = (String, String);
+
+/// Per-attachment locks; entries go away when nobody holds them.
+#[derive(Debug, Default)]
+struct AttachmentLocks {
+    map: Mutex<HashMap<AttachmentKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl AttachmentLocks {
+    async fn lock(&self, key: (String, String)) -> LockGuard<'_> {
+        let lock = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        LockGuard {
+            locks: self,
+            key,
+            guard: Some(guard),
+        }
+    }
+}
+
+struct LockGuard<'a> {
+    locks: &'a AttachmentLocks,
+    key: (String, String),
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map still holds it: nobody waits, drop the entry.
+        if map
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+/// What the CNI service needs from the rest of the agent.
+#[derive(Debug, Clone)]
+pub struct CniService {
+    node: String,
+    mtu: u32,
+    channel: Channel,
+    pods: PodNetwork,
+    locks: Arc<AttachmentLocks>,
+}
+
+fn ipam_error(status: Status, what: &str) -> CniError {
+    match status.code() {
+        GrpcCode::Unavailable
+        | GrpcCode::DeadlineExceeded
+        | GrpcCode::Cancelled
+        | GrpcCode::Unknown
+        | GrpcCode::Aborted => CniError::new(
+            Code::TryAgainLater,
+            format!("{what}: weft-server is not reachable; try again later"),
+        )
+        .with_details(status.message().to_owned()),
+        _ => CniError::new(Code::Ipam, format!("{what}: {}", status.message())),
+    }
+}
+
+fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+impl CniService {
+    pub fn new(node: String, mtu: u32, channel: Channel, pods: PodNetwork) -> Self {
+        Self {
+            node,
+            mtu,
+            channel,
+            pods,
+            locks: Arc::default(),
+        }
+    }
+
+    fn ipam(&self) -> IpamClient<Channel> {
+        IpamClient::new(self.channel.clone())
+    }
+
+    /// Handles one request: `Ok(stdout)` or the error to print.
+    pub async fn handle(
+        &self,
+        env: &HashMap<String, String>,
+        stdin: &[u8],
+    ) -> Result<String, CniError> {
+        let req = request::parse(env, stdin)?;
+        match req.command {
+            Command::Version => Ok(result::render_version(&req.version)),
+            Command::Status => self.status().await.map(|()| String::new()),
+            Command::Gc => self.gc(&req).await.map(|()| String::new()),
+            Command::Add | Command::Del | Command::Check => {
+                let _guard = self
+                    .locks
+                    .lock((req.container_id.clone(), req.ifname.clone()))
+                    .await;
+                match req.command {
+                    Command::Add => self.add(&req).await,
+                    Command::Del => self.del(&req).await.map(|()| String::new()),
+                    _ => self.check(&req).await.map(|()| String::new()),
+                }
+            }
+        }
+    }
+
+    #[instrument(skip_all, fields(container_id = %req.container_id, ifname = %req.ifname, pod = %format!("{}/{}", req.pod.namespace, req.pod.name)))]
+    async fn add(&self, req: &CniRequest) -> Result<String, CniError> {
+        let netns = req
+            .netns
+            .clone()
+            .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is not set"))?;
+        // Fail before allocating when the namespace is not there at all.
+        if !netns.exists() {
+            return Err(CniError::new(
+                Code::Netns,
+                format!("network namespace {} does not exist", netns.display()),
+            ));
+        }
+        let alloc = self
+            .ipam()
+            .allocate(with_timeout(
+                pb::AllocateRequest {
+                    node_name: self.node.clone(),
+                    container_id: req.container_id.clone(),
+                    ifname: req.ifname.clone(),
+                    pod_namespace: req.pod.namespace.clone(),
+                    pod_name: req.pod.name.clone(),
+                    pod_uid: req.pod.uid.clone(),
+                },
+                IPAM_TIMEOUT,
+            ))
+            .await
+            .map_err(|s| ipam_error(s, "allocating an address"))?
+            .into_inner();
+        let address: Ipv4Net = alloc.address.parse().map_err(|_| {
+            CniError::new(
+                Code::Ipam,
+                format!("server sent address {:?}", alloc.address),
+            )
+        })?;
+        let gateway = alloc.gateway.parse().map_err(|_| {
+            CniError::new(
+                Code::Ipam,
+                format!("server sent gateway {:?}", alloc.gateway),
+            )
+        })?;
+        let spec = PodSpec {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            netns,
+            address,
+            gateway,
+            mtu: self.mtu,
+        };
+        match self.pods.wire(&spec).await {
+            Ok(wired) => {
+                info!(%address, host_if = %wired.host.name, "pod wired");
+                Ok(result::render(&wired, &req.version))
+            }
+            Err(e) => {
+                // Nothing of the attachment is left: give the address back.
+                if let Err(status) = self.release(req).await {
+                    warn!(error = %status, "releasing after a failed ADD; GC will reclaim it");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn release(&self, req: &CniRequest) -> Result<Option<String>, Status> {
+        let released = self
+            .ipam()
+            .release(with_timeout(
+                pb::ReleaseRequest {
+                    node_name: self.node.clone(),
+                    container_id: req.container_id.clone(),
+                    ifname: req.ifname.clone(),
+                },
+                IPAM_TIMEOUT,
+            ))
+            .await?
+            .into_inner()
+            .address;
+        Ok(Some(released).filter(|a| !a.is_empty()))
+    }
+
+    #[instrument(skip_all, fields(container_id = %req.container_id, ifname = %req.ifname))]
+    async fn del(&self, req: &CniRequest) -> Result<(), CniError> {
+        // The pod's address, for the conntrack flush, in case the server
+        // cannot tell us (it may be down; DEL must still succeed).
+        let mut address = None;
+        if let Some(netns) = req.netns.as_deref().filter(|p| p.exists()) {
+            match self.pods.inspect(netns, &req.ifname).await {
+                Ok(side) => address = side.addresses.first().map(|a| a.addr().to_string()),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the pod side; tearing down the host side only")
+                }
+            }
+        }
+        self.pods
+            .delete_link(&host_ifname(&req.container_id, &req.ifname))
+            .await?;
+        match self.release(req).await {
+            Ok(released) => address = released.or(address),
+            // The address stays allocated until GC; the pod is gone anyway.
+            Err(status) => {
+                warn!(code = ?status.code(), message = status.message(), "release failed; GC will reclaim the address")
+            }
+        }
+        if let Some(ip) = address {
+            flush_conntrack(&ip).await;
+            info!(%ip, "pod unwired and released");
+        }
+        Ok(())
+    }
+
+    async fn check(&self, req: &CniRequest) -> Result<(), CniError> {
+        let prev = req
+            .prev_result
+            .as_ref()
+            .ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
+        let drift = |msg: String| CniError::new(Code::Drift, msg);
+        let netns = req
+            .netns
+            .as_deref()
+            .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is not set"))?;
+        let side = self.pods.inspect(netns, &req.ifname).await?;
+        if !side.exists {
+            return Err(drift(format!(
+                "interface {} is missing in {}",
+                req.ifname,
+                netns.display()
+            )));
+        }
+        if !side.up {
+            return Err(drift(format!("interface {} is down", req.ifname)));
+        }
+        if !side.addresses.contains(&prev.address) {
+            return Err(drift(format!(
+                "{} has {:?}, prevResult says {}",
+                req.ifname, side.addresses, prev.address
+            )));
+        }
+        if side.mtu != self.mtu {
+            return Err(drift(format!(
+                "{} has MTU {}, expected {}",
+                req.ifname, side.mtu, self.mtu
+            )));
+        }
+        if let Some(gw) = prev.gateway
+            && side.default_gateway != Some(gw)
+        {
+            return Err(drift(format!(
+                "default route is via {:?}, expected {gw}",
+                side.default_gateway
+            )));
+        }
+        match self.pods.host_side(&req.container_id, &req.ifname).await? {
+            None => {
+                return Err(drift(format!(
+                    "host interface {} is missing",
+                    host_ifname(&req.container_id, &req.ifname)
+                )));
+            }
+            Some(false) => return Err(drift("host interface is not attached to weft0".into())),
+            Some(true) => {}
+        }
+        let alloc = self
+            .ipam()
+            .lookup(with_timeout(
+                pb::LookupRequest {
+                    node_name: self.node.clone(),
+                    container_id: req.container_id.clone(),
+                    ifname: req.ifname.clone(),
+                },
+                IPAM_TIMEOUT,
+            ))
+            .await;
+        match alloc {
+            Ok(a) if a.get_ref().address == prev.address.to_string() => Ok(()),
+            Ok(a) => Err(drift(format!(
+                "the server allocated {}, prevResult says {}",
+                a.get_ref().address,
+                prev.address
+            ))),
+            Err(s) if s.code() == GrpcCode::NotFound => Err(drift(
+                "the server has no allocation for this attachment".into(),
+            )),
+            Err(s) => Err(ipam_error(s, "looking up the allocation")),
+        }
+    }
+
+    async fn gc(&self, req: &CniRequest) -> Result<(), CniError> {
+        let valid: Vec<pb::Attachment> = req
+            .valid_attachments
+            .iter()
+            .map(|a| pb::Attachment {
+                container_id: a.container_id.clone(),
+                ifname: a.ifname.clone(),
+            })
+            .collect();
+        let released = self
+            .ipam()
+            .gc(with_timeout(
+                pb::GcRequest {
+                    node_name: self.node.clone(),
+                    valid,
+                },
+                IPAM_TIMEOUT,
+            ))
+            .await
+            .map_err(|s| ipam_error(s, "garbage-collecting addresses"))?
+            .into_inner()
+            .released;
+        let keep: HashSet<String> = req
+            .valid_attachments
+            .iter()
+            .map(|a| host_ifname(&a.container_id, &a.ifname))
+            .collect();
+        let mut orphans = 0;
+        for name in self.pods.host_veths().await? {
+            if !keep.contains(&name) {
+                self.pods.delete_link(&name).await?;
+                orphans += 1;
+            }
+        }
+        for a in &released {
+            if let Some(ip) = a.address.split('/').next() {
+                flush_conntrack(ip).await;
+            }
+        }
+        info!(released = released.len(), orphans, "GC done");
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<(), CniError> {
+        if !self.pods.bridge_exists().await? {
+            return Err(CniError::new(
+                Code::NotAvailable,
+                "the bridge weft0 is missing; restart weft-agent",
+            ));
+        }
+        let mut topology = TopologyClient::new(self.channel.clone());
+        topology
+            .heartbeat(with_timeout(
+                pb::HeartbeatRequest {
+                    node_name: self.node.clone(),
+                },
+                STATUS_TIMEOUT,
+            ))
+            .await
+            .map_err(|s| {
+                CniError::new(
+                    Code::NotAvailable,
+                    "weft-server is not reachable: new pods cannot get addresses",
+                )
+                .with_details(s.message().to_owned())
+            })?;
+        Ok(())
+    }
+}
+
+/// Drops conntrack entries of a released address, so a new pod that later
+/// gets it does not inherit flows. Best-effort: `conntrack` exits 1 when
+/// nothing matched, and may not be installed.
+async fn flush_conntrack(ip: &str) {
+    for flag in ["-s", "-d"] {
+        match tokio::process::Command::new("conntrack")
+            .args(["-D", flag, ip])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                warn!(%ip, error = %e, "conntrack not available; flows of the released address are not flushed");
+                return;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Cni for CniService {
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        let req = request.into_inner();
+        let outcome = self.handle(&req.env, &req.stdin).await;
+        let reply = match outcome {
+            Ok(stdout) => ExecResponse {
+                stdout: stdout.into_bytes(),
+                exit_code: 0,
+            },
+            Err(e) => {
+                let version = request::config_version(&req.stdin)
+                    .filter(|v| request::SUPPORTED_VERSIONS.contains(&v.as_str()))
+                    .unwrap_or_else(|| "1.1.0".to_owned());
+                warn!(command = req.env.get("CNI_COMMAND").map(String::as_str).unwrap_or(""), error = %e, "CNI request failed");
+                ExecResponse {
+                    stdout: e.render(&version).into_bytes(),
+                    exit_code: 1,
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+}

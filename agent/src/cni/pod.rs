@@ -1,0 +1,532 @@
+//! Pod plumbing on rtnetlink: the veth pair between `weft0` and the pod's
+//! network namespace. Work inside the pod namespace runs on a short-lived
+//! OS thread that enters it with setns() and opens its own netlink socket
+//! there; a tokio worker never changes namespace.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use futures::{TryStreamExt, future::BoxFuture};
+use ipnet::Ipv4Net;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{LinkAttribute, LinkFlags, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteHeader},
+};
+use rtnetlink::{Handle, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use super::{
+    error::{CniError, Code},
+    result::{Interface, Wired},
+};
+use crate::datapath::BRIDGE_NAME;
+
+const ENODEV: i32 = 19;
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> CniError {
+    let op = op.into();
+    move |e| CniError::new(Code::Datapath, format!("{op}: {e}"))
+}
+
+fn fnv(parts: &[&str]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.bytes().chain([0]))
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// The host end's name: deterministic from the attachment, so DEL, CHECK
+/// and GC find it without state. "weft" + 11 hex digits = 15 bytes.
+pub fn host_ifname(container_id: &str, ifname: &str) -> String {
+    format!(
+        "weft{:011x}",
+        fnv(&[container_id, ifname]) & 0xfff_ffff_ffff
+    )
+}
+
+/// Temporary name of the pod end until it is inside the pod namespace.
+fn temp_ifname(container_id: &str, ifname: &str) -> String {
+    format!(
+        "wtmp{:011x}",
+        fnv(&[ifname, container_id]) & 0xfff_ffff_ffff
+    )
+}
+
+fn mac_string(link: &LinkMessage) -> String {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(a) if a.len() == 6 => Some(
+                a.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn link_mtu(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+fn link_controller(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(c) => Some(*c),
+        _ => None,
+    })
+}
+
+async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(datapath_err(format!("looking up {name}"))(e)),
+    }
+}
+
+/// What the pod side looks like, read from inside its namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodSide {
+    pub exists: bool,
+    pub up: bool,
+    pub mac: String,
+    pub mtu: u32,
+    pub addresses: Vec<Ipv4Net>,
+    pub default_gateway: Option<Ipv4Addr>,
+}
+
+/// Runs `work` with a netlink handle inside the namespace at `netns`.
+async fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    work: impl FnOnce(Handle) -> BoxFuture<'static, Result<T, CniError>> + Send + 'static,
+) -> Result<T, CniError> {
+    let file = File::open(netns).map_err(|e| {
+        CniError::new(
+            Code::Netns,
+            format!("cannot open network namespace {}", netns.display()),
+        )
+        .with_details(e.to_string())
+    })?;
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("weft-netns".into())
+        .spawn(move || {
+            let result = (|| {
+                // This thread alone moves into the pod's namespace, and the
+                // socket opened below stays bound to it.
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    CniError::new(Code::Netns, "cannot enter the pod network namespace")
+                        .with_details(e.to_string())
+                })?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| {
+                        CniError::new(Code::Io, format!("starting a netns runtime: {e}"))
+                    })?;
+                rt.block_on(async move {
+                    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
+                        CniError::new(
+                            Code::Io,
+                            format!("netlink socket in the pod namespace: {e}"),
+                        )
+                    })?;
+                    tokio::spawn(conn);
+                    work(handle).await
+                })
+            })();
+            let _ = tx.send(result);
+        })
+        .map_err(|e| CniError::new(Code::Io, format!("spawning the netns thread: {e}")))?;
+    rx.await
+        .map_err(|_| CniError::new(Code::Io, "the netns thread died"))?
+}
+
+async fn inspect(handle: Handle, ifname: String) -> Result<PodSide, CniError> {
+    let Some(link) = link_by_name(&handle, &ifname).await? else {
+        return Ok(PodSide::default());
+    };
+    let index = link.header.index;
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(datapath_err(format!("listing addresses of {ifname}")))?;
+    let addresses = addrs
+        .iter()
+        .filter(|m| m.header.index == index)
+        .filter_map(|m| {
+            let ip = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            })?;
+            Ipv4Net::new(ip, m.header.prefix_len).ok()
+        })
+        .collect();
+    let routes: Vec<_> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(datapath_err("listing pod routes"))?;
+    let default_gateway = routes
+        .iter()
+        .filter(|r| {
+            r.header.table == RouteHeader::RT_TABLE_MAIN && r.header.destination_prefix_length == 0
+        })
+        .filter(|r| {
+            r.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+        })
+        .find_map(|r| {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
+                _ => None,
+            })
+        });
+    Ok(PodSide {
+        exists: true,
+        up: link.header.flags.contains(LinkFlags::Up),
+        mac: mac_string(&link),
+        mtu: link_mtu(&link).unwrap_or(0),
+        addresses,
+        default_gateway,
+    })
+}
+
+/// Renames the moved peer, addresses it and routes through the gateway.
+async fn configure(
+    handle: Handle,
+    temp: String,
+    ifname: String,
+    address: Ipv4Net,
+    gateway: Ipv4Addr,
+    mtu: u32,
+) -> Result<String, CniError> {
+    if let Some(lo) = link_by_name(&handle, "lo").await? {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(lo.header.index).up().build())
+            .execute()
+            .await
+            .map_err(datapath_err("bringing lo up in the pod"))?;
+    }
+    let link = link_by_name(&handle, &temp).await?.ok_or_else(|| {
+        CniError::new(
+            Code::Datapath,
+            format!("{temp} did not arrive in the pod namespace"),
+        )
+    })?;
+    let index = link.header.index;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .name(ifname.clone())
+                .mtu(mtu)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(datapath_err(format!(
+            "renaming {temp} to {ifname} in the pod"
+        )))?;
+    handle
+        .address()
+        .add(index, IpAddr::V4(address.addr()), address.prefix_len())
+        .execute()
+        .await
+        .map_err(datapath_err(format!("adding {address} to {ifname}")))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(datapath_err(format!("bringing {ifname} up")))?;
+    handle
+        .route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .gateway(gateway)
+                .output_interface(index)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(datapath_err(format!(
+            "adding the default route via {gateway}"
+        )))?;
+    let link = link_by_name(&handle, &ifname)
+        .await?
+        .ok_or_else(|| CniError::new(Code::Datapath, format!("{ifname} vanished in the pod")))?;
+    Ok(mac_string(&link))
+}
+
+/// What ADD asks for.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: PathBuf,
+    pub address: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// Pod wiring in the host namespace the agent runs in.
+#[derive(Debug, Clone)]
+pub struct PodNetwork {
+    handle: Handle,
+}
+
+impl PodNetwork {
+    pub fn new(handle: Handle) -> Self {
+        Self { handle }
+    }
+
+    /// Reads the pod side of an attachment (nothing if the netns is gone).
+    pub async fn inspect(&self, netns: &Path, ifname: &str) -> Result<PodSide, CniError> {
+        let ifname = ifname.to_owned();
+        in_netns(netns, move |h| Box::pin(inspect(h, ifname))).await
+    }
+
+    /// Wires the pod, or returns the existing wiring if it is already as
+    /// requested (a retried ADD). Undoes its own steps on failure.
+    pub async fn wire(&self, spec: &PodSpec) -> Result<Wired, CniError> {
+        let host = host_ifname(&spec.container_id, &spec.ifname);
+        let bridge = link_by_name(&self.handle, BRIDGE_NAME)
+            .await?
+            .ok_or_else(|| {
+                CniError::new(
+                    Code::TryAgainLater,
+                    format!("{BRIDGE_NAME} does not exist yet; the node is not ready"),
+                )
+            })?;
+
+        if let Some(existing) = link_by_name(&self.handle, &host).await? {
+            let side = self.inspect(&spec.netns, &spec.ifname).await?;
+            if side.exists
+                && side.addresses.contains(&spec.address)
+                && link_controller(&existing) == Some(bridge.header.index)
+            {
+                debug!(%host, "attachment already wired");
+                return Ok(self.wired(spec, &existing, side.mac));
+            }
+            warn!(%host, "replacing a half-made attachment");
+            self.delete_link(&host).await?;
+        }
+
+        let temp = temp_ifname(&spec.container_id, &spec.ifname);
+        self.handle
+            .link()
+            .add(LinkVeth::new(&host, &temp).mtu(spec.mtu).build())
+            .execute()
+            .await
+            .map_err(datapath_err(format!("creating veth {host}")))?;
+        match self
+            .finish_wiring(spec, &host, &temp, bridge.header.index)
+            .await
+        {
+            Ok(w) => Ok(w),
+            Err(e) => {
+                // Deleting the host end takes the pod end with it, wherever it is.
+                if let Err(cleanup) = self.delete_link(&host).await {
+                    warn!(%host, error = %cleanup, "cleaning up after a failed ADD");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish_wiring(
+        &self,
+        spec: &PodSpec,
+        host: &str,
+        temp: &str,
+        bridge: u32,
+    ) -> Result<Wired, CniError> {
+        let peer = link_by_name(&self.handle, temp)
+            .await?
+            .ok_or_else(|| CniError::new(Code::Datapath, format!("veth peer {temp} missing")))?;
+        let netns = File::open(&spec.netns).map_err(|e| {
+            CniError::new(
+                Code::Netns,
+                format!("cannot open network namespace {}", spec.netns.display()),
+            )
+            .with_details(e.to_string())
+        })?;
+        use std::os::fd::AsRawFd;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(peer.header.index)
+                    .setns_by_fd(netns.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(datapath_err("moving the veth into the pod namespace"))?;
+        let (temp_owned, ifname, address, gateway, mtu) = (
+            temp.to_owned(),
+            spec.ifname.clone(),
+            spec.address,
+            spec.gateway,
+            spec.mtu,
+        );
+        let pod_mac = in_netns(&spec.netns, move |h| {
+            Box::pin(configure(h, temp_owned, ifname, address, gateway, mtu))
+        })
+        .await?;
+
+        let host_link = link_by_name(&self.handle, host)
+            .await?
+            .ok_or_else(|| CniError::new(Code::Datapath, format!("{host} vanished")))?;
+        let index = host_link.header.index;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .controller(bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(datapath_err(format!("attaching {host} to {BRIDGE_NAME}")))?;
+        // Hairpin lets a pod reach itself through a service VIP.
+        self.handle
+            .link()
+            .set_port(LinkBridgePort::new(index).hairpin(true).build())
+            .execute()
+            .await
+            .map_err(datapath_err(format!("enabling hairpin on {host}")))?;
+        Ok(self.wired(spec, &host_link, pod_mac))
+    }
+
+    fn wired(&self, spec: &PodSpec, host: &LinkMessage, pod_mac: String) -> Wired {
+        Wired {
+            host: Interface {
+                name: host_ifname(&spec.container_id, &spec.ifname),
+                mac: mac_string(host),
+                sandbox: None,
+            },
+            container: Interface {
+                name: spec.ifname.clone(),
+                mac: pod_mac,
+                sandbox: Some(spec.netns.display().to_string()),
+            },
+            address: spec.address,
+            gateway: spec.gateway,
+            mtu: spec.mtu,
+        }
+    }
+
+    /// Deletes a host link; one already gone is fine.
+    pub async fn delete_link(&self, name: &str) -> Result<(), CniError> {
+        let Some(link) = link_by_name(&self.handle, name).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(link.header.index).execute().await {
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(()),
+            other => other.map_err(datapath_err(format!("deleting {name}"))),
+        }
+    }
+
+    /// The host end of an attachment: exists, and is on the bridge?
+    pub async fn host_side(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<bool>, CniError> {
+        let Some(link) = link_by_name(&self.handle, &host_ifname(container_id, ifname)).await?
+        else {
+            return Ok(None);
+        };
+        let bridge = link_by_name(&self.handle, BRIDGE_NAME)
+            .await?
+            .map(|b| b.header.index);
+        Ok(Some(bridge.is_some() && link_controller(&link) == bridge))
+    }
+
+    /// Host-side veths Weft made (by name) that are on the bridge.
+    pub async fn host_veths(&self) -> Result<Vec<String>, CniError> {
+        let Some(bridge) = link_by_name(&self.handle, BRIDGE_NAME).await? else {
+            return Ok(Vec::new());
+        };
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(datapath_err("listing links"))?;
+        Ok(links
+            .iter()
+            .filter(|l| link_controller(l) == Some(bridge.header.index))
+            .filter_map(|l| {
+                l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) if n.starts_with("weft") && n.len() == 15 => {
+                        Some(n.clone())
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    pub async fn bridge_exists(&self) -> Result<bool, CniError> {
+        Ok(link_by_name(&self.handle, BRIDGE_NAME).await?.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_deterministic_fifteen_bytes_and_distinct() {
+        let a = host_ifname("abc123", "eth0");
+        assert_eq!(a, host_ifname("abc123", "eth0"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("weft"));
+        assert_ne!(a, host_ifname("abc123", "net1"));
+        assert_ne!(a, host_ifname("abc124", "eth0"));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(host_ifname("ab", "c"), host_ifname("a", "bc"));
+        assert_ne!(temp_ifname("abc123", "eth0"), a);
+    }
+}

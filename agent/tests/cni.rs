@@ -1,0 +1,375 @@
+//! The real `weft` plugin binary, exec'd with the environment and stdin a
+//! container runtime passes for a Kubernetes pod, against the real agent,
+//! server and PostgreSQL (needs root; CI runs as root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+fn one_node() -> Cluster {
+    let mut c = Cluster::new(1);
+    c.start_agent(0);
+    c
+}
+
+fn pod_ping(c: &Cluster, pod: &str, to: &str) -> bool {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.pod_ns_name(pod),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            to,
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn address_of(result: &Value) -> String {
+    result["ips"][0]["address"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn add_wires_the_pod_and_two_pods_on_a_node_reach_each_other() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let conf = c.net_conf(0, "1.1.0");
+    let ns_a = c.pod_netns("a");
+    let ns_b = c.pod_netns("b");
+    let a = c.cni(0, "ADD", "ctr-a", &ns_a, "web-a", &conf);
+    assert_eq!(a.code, 0, "{a:?}");
+    let b = c.cni(0, "ADD", "ctr-b", &ns_b, "web-b", &conf);
+    assert_eq!(b.code, 0, "{b:?}");
+
+    let r = &a.stdout;
+    assert_eq!(r["cniVersion"], "1.1.0");
+    assert_eq!(r["ips"][0]["gateway"], "10.244.0.1");
+    assert_eq!(r["ips"][0]["interface"], 1);
+    assert_eq!(r["interfaces"][1]["name"], "eth0");
+    assert_eq!(r["interfaces"][1]["sandbox"], ns_a.as_str());
+    assert_eq!(r["interfaces"][1]["mtu"], 1450);
+    assert_eq!(
+        r["routes"],
+        json!([{"dst": "0.0.0.0/0", "gw": "10.244.0.1"}])
+    );
+    let host_if = r["interfaces"][0]["name"].as_str().unwrap();
+
+    // The pod side, as the kernel has it.
+    let pod = c.pod_ns_name("a");
+    let eth0 = &in_ns_json(&pod, &["ip", "-j", "-4", "addr", "show", "dev", "eth0"])[0];
+    assert_eq!(eth0["mtu"], 1450);
+    assert_eq!(
+        format!(
+            "{}/{}",
+            eth0["addr_info"][0]["local"].as_str().unwrap(),
+            eth0["addr_info"][0]["prefixlen"]
+        ),
+        address_of(r)
+    );
+    assert!(
+        eth0["flags"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("UP"))
+    );
+    let routes = in_ns_json(&pod, &["ip", "-j", "-4", "route", "show", "default"]);
+    assert_eq!(routes[0]["gateway"], "10.244.0.1");
+    assert_eq!(routes[0]["dev"], "eth0");
+    // The host side: on weft0, up, hairpin on.
+    let host = &in_ns_json(
+        &c.nodes[0],
+        &["ip", "-j", "-d", "link", "show", "dev", host_if],
+    )[0];
+    assert_eq!(host["master"], "weft0");
+    assert_eq!(host["linkinfo"]["info_slave_data"]["hairpin"], true);
+    assert_eq!(host["mtu"], 1450);
+
+    let b_ip = address_of(&b.stdout).split('/').next().unwrap().to_owned();
+    assert!(
+        pod_ping(&c, "a", &b_ip),
+        "pod a cannot reach pod b at {b_ip}"
+    );
+
+    // The audit log names the pod.
+    let audit = c.sql("SELECT action || ' ' || pod_namespace || '/' || pod_name || ' ' || host(address) FROM audit_log WHERE container_id = 'ctr-a'");
+    assert_eq!(
+        audit,
+        [format!(
+            "allocate default/web-a {}",
+            address_of(r).split('/').next().unwrap()
+        )]
+    );
+}
+
+#[test]
+fn results_are_shaped_for_the_requested_version() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0"].iter().enumerate() {
+        let ns = c.pod_netns(&format!("v{i}"));
+        let out = c.cni(
+            0,
+            "ADD",
+            &format!("ctr-v{i}"),
+            &ns,
+            "v",
+            &c.net_conf(0, version),
+        );
+        assert_eq!(out.code, 0, "{version}: {out:?}");
+        assert_eq!(out.stdout["cniVersion"], *version);
+        assert_eq!(
+            out.stdout["ips"][0].get("version").is_some(),
+            version.starts_with('0'),
+            "{version}"
+        );
+        assert!(
+            out.stdout["interfaces"][1].get("mtu").is_none(),
+            "{version}"
+        );
+    }
+}
+
+#[test]
+fn a_retried_add_returns_the_same_result() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let ns = c.pod_netns("p");
+    let conf = c.net_conf(0, "1.0.0");
+    let first = c.cni(0, "ADD", "ctr-p", &ns, "p", &conf);
+    let again = c.cni(0, "ADD", "ctr-p", &ns, "p", &conf);
+    assert_eq!(first.code, 0);
+    assert_eq!(first.stdout, again.stdout);
+    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["1"]);
+    assert_eq!(
+        c.sql("SELECT count(*) FROM audit_log WHERE action = 'allocate'"),
+        ["1"]
+    );
+}
+
+#[test]
+fn check_passes_then_names_what_drifted() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let ns = c.pod_netns("p");
+    let add = c.cni(0, "ADD", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    let mut conf = c.net_conf(0, "1.0.0");
+    conf["prevResult"] = add.stdout.clone();
+    let ok = c.cni(0, "CHECK", "ctr-p", &ns, "p", &conf);
+    assert_eq!((ok.code, &ok.stdout), (0, &Value::Null), "{ok:?}");
+
+    in_ns(
+        &c.pod_ns_name("p"),
+        &["ip", "link", "set", "eth0", "mtu", "1400"],
+    );
+    let drift = c.cni(0, "CHECK", "ctr-p", &ns, "p", &conf);
+    assert_eq!(drift.code, 1);
+    assert_eq!(drift.stdout["code"], 103);
+    assert!(
+        drift.stdout["msg"].as_str().unwrap().contains("MTU 1400"),
+        "{drift:?}"
+    );
+
+    in_ns(
+        &c.pod_ns_name("p"),
+        &["ip", "link", "set", "eth0", "mtu", "1450"],
+    );
+    in_ns(&c.pod_ns_name("p"), &["ip", "route", "del", "default"]);
+    let drift = c.cni(0, "CHECK", "ctr-p", &ns, "p", &conf);
+    assert_eq!(drift.stdout["code"], 103);
+    assert!(
+        drift.stdout["msg"]
+            .as_str()
+            .unwrap()
+            .contains("default route"),
+        "{drift:?}"
+    );
+}
+
+#[test]
+fn del_is_idempotent_and_succeeds_when_the_netns_is_gone() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let conf = c.net_conf(0, "1.0.0");
+    let ns = c.pod_netns("p");
+    c.cni(0, "ADD", "ctr-p", &ns, "p", &conf);
+    for _ in 0..2 {
+        let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &conf);
+        assert_eq!((del.code, &del.stdout), (0, &Value::Null), "{del:?}");
+    }
+    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["0"]);
+    assert_eq!(
+        c.sql("SELECT count(*) FROM audit_log WHERE action = 'release'"),
+        ["1"]
+    );
+
+    let ns = c.pod_netns("q");
+    c.cni(0, "ADD", "ctr-q", &ns, "q", &conf);
+    c.delete_pod_netns("q");
+    let del = c.cni(0, "DEL", "ctr-q", &ns, "q", &conf);
+    assert_eq!(del.code, 0, "{del:?}");
+    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["0"]);
+    let veths = in_ns_json(
+        &c.nodes[0],
+        &["ip", "-j", "link", "show", "master", "weft0"],
+    );
+    assert_eq!(veths.as_array().unwrap().len(), 0, "no host veth left");
+    // Unknown container: success too.
+    assert_eq!(c.cni(0, "DEL", "never-added", &ns, "x", &conf).code, 0);
+}
+
+#[test]
+fn gc_releases_leaked_allocations_and_orphaned_veths() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let conf = c.net_conf(0, "1.1.0");
+    let (ns1, ns2) = (c.pod_netns("p1"), c.pod_netns("p2"));
+    c.cni(0, "ADD", "ctr-1", &ns1, "p1", &conf);
+    c.cni(0, "ADD", "ctr-2", &ns2, "p2", &conf);
+    let mut gc_conf = conf.clone();
+    gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": "ctr-1", "ifname": "eth0"}]);
+    let gc = c.cni(0, "GC", "", "", "", &gc_conf);
+    assert_eq!(gc.code, 0, "{gc:?}");
+    assert_eq!(c.sql("SELECT container_id FROM allocations"), ["ctr-1"]);
+    assert_eq!(
+        c.sql("SELECT count(*) FROM audit_log WHERE action = 'gc'"),
+        ["1"]
+    );
+    let veths = in_ns_json(
+        &c.nodes[0],
+        &["ip", "-j", "link", "show", "master", "weft0"],
+    );
+    assert_eq!(
+        veths.as_array().unwrap().len(),
+        1,
+        "the orphaned veth is gone"
+    );
+}
+
+#[test]
+fn status_reports_50_while_the_server_is_down_and_add_fails_fast_with_11() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let conf = c.net_conf(0, "1.1.0");
+    let up = c.cni(0, "STATUS", "", "", "", &conf);
+    assert_eq!((up.code, &up.stdout), (0, &Value::Null), "{up:?}");
+
+    c.stop_server();
+    let down = c.cni(0, "STATUS", "", "", "", &conf);
+    assert_eq!(down.code, 1);
+    assert_eq!(down.stdout["code"], 50, "{down:?}");
+    let ns = c.pod_netns("p");
+    let start = Instant::now();
+    let add = c.cni(0, "ADD", "ctr-p", &ns, "p", &conf);
+    assert_eq!(add.stdout["code"], 11, "{add:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "ADD took {:?}",
+        start.elapsed()
+    );
+    let links = in_ns_json(&c.pod_ns_name("p"), &["ip", "-j", "link", "show"]);
+    assert_eq!(
+        links.as_array().unwrap().len(),
+        1,
+        "nothing but lo in the pod after a failed ADD"
+    );
+
+    c.start_server();
+    wait_until("STATUS to recover", Duration::from_secs(20), || {
+        c.cni(0, "STATUS", "", "", "", &conf).code == 0
+    });
+}
+
+#[test]
+fn the_shim_reports_11_when_the_agent_is_down() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    c.stop_agent(0);
+    let ns = c.pod_netns("p");
+    let out = c.cni(0, "ADD", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_eq!(out.code, 1);
+    assert_eq!(out.stdout["code"], 11);
+    let msg = out.stdout["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("node0.sock") && msg.contains("weft-agent"),
+        "{msg}"
+    );
+    // VERSION needs no agent.
+    let v = c.cni(0, "VERSION", "", "", "", &c.net_conf(0, "0.4.0"));
+    assert_eq!(v.code, 0);
+    assert_eq!(v.stdout["supportedVersions"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn pods_on_different_nodes_reach_each_other_without_nat() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(2);
+    c.start_agent(0);
+    c.start_agent(1);
+    let (na, nb) = (c.pod_netns("a"), c.pod_netns("b"));
+    let a = c.cni(0, "ADD", "ctr-a", &na, "a", &c.net_conf(0, "1.0.0"));
+    let b = c.cni(1, "ADD", "ctr-b", &nb, "b", &c.net_conf(1, "1.0.0"));
+    let a_ip = address_of(&a.stdout).split('/').next().unwrap().to_owned();
+    let b_ip = address_of(&b.stdout).split('/').next().unwrap().to_owned();
+    assert!(
+        a_ip.starts_with("10.244.0.") && b_ip.starts_with("10.244.1."),
+        "{a_ip} {b_ip}"
+    );
+    wait_until(
+        "the tunnel between the nodes",
+        Duration::from_secs(10),
+        || pod_ping(&c, "a", &b_ip),
+    );
+    assert!(pod_ping(&c, "b", &a_ip));
+
+    // The receiver sees the sender's pod address: no NAT inside the cluster.
+    let listener = KillOnDrop(Some(std::process::Command::new("ip")
+        .args(["netns", "exec", &c.pod_ns_name("b"), "python3", "-c"])
+        .arg("import socket; s=socket.socket(); s.bind(('0.0.0.0', 9000)); s.listen(); c, a = s.accept(); print(a[0])")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()));
+    wait_until("the listener in pod b", Duration::from_secs(10), || {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.pod_ns_name("a"),
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/{b_ip}/9000"),
+            ])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let out = listener.wait_output();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), a_ip);
+}

@@ -1,0 +1,166 @@
+//! `weft`, the CNI plugin binary the container runtime execs. It holds no
+//! networking logic: it forwards the CNI environment and the stdin config,
+//! untouched, to the node agent's `weft.agent.v1.Cni` service on a unix
+//! socket and prints the reply. It answers VERSION itself, and reports CNI
+//! error 11 (try again later) when the agent cannot be reached.
+
+use std::{collections::HashMap, io::Write, path::PathBuf, time::Duration};
+
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tonic::transport::{Endpoint, Uri};
+use tower::service_fn;
+use weft_proto::agent::v1::{ExecRequest, ExecResponse, cni_client::CniClient};
+
+pub const DEFAULT_SOCKET: &str = "/run/weft/agent.sock";
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// The CNI variables the runtime sets; nothing else is forwarded.
+pub const CNI_ENV: [&str; 6] = [
+    "CNI_COMMAND",
+    "CNI_CONTAINERID",
+    "CNI_NETNS",
+    "CNI_IFNAME",
+    "CNI_ARGS",
+    "CNI_PATH",
+];
+/// Longest a request may take end to end; runtimes time out on their own too.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The config's cniVersion if it is one we speak, else the newest.
+pub fn reply_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.1.0".to_owned())
+}
+
+/// `agentSocket` from the plugin config, else the default.
+pub fn socket_path(stdin: &[u8]) -> PathBuf {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("agentSocket")?.as_str().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+pub fn version_reply(stdin: &[u8]) -> String {
+    format!(
+        "{}\n",
+        json!({ "cniVersion": reply_version(stdin), "supportedVersions": SUPPORTED_VERSIONS })
+    )
+}
+
+pub fn error_reply(stdin: &[u8], code: u32, msg: &str, details: &str) -> String {
+    format!(
+        "{}\n",
+        json!({ "cniVersion": reply_version(stdin), "code": code, "msg": msg, "details": details })
+    )
+}
+
+async fn call(socket: PathBuf, request: ExecRequest) -> Result<ExecResponse, String> {
+    // The URI is required by the API but unused: the connector dials the socket.
+    let channel = Endpoint::from_static("http://weft-agent")
+        .connect_with_connector(service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let response = tokio::time::timeout(CALL_TIMEOUT, CniClient::new(channel).exec(request))
+        .await
+        .map_err(|_| format!("no answer within {CALL_TIMEOUT:?}"))?
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    Ok(response.into_inner())
+}
+
+/// Runs the plugin: reads stdin, writes the reply to stdout, returns the
+/// exit code.
+pub fn run(env: HashMap<String, String>, stdin: Vec<u8>, out: &mut impl Write) -> i32 {
+    let (text, code) = if env.get("CNI_COMMAND").map(String::as_str) == Some("VERSION") {
+        (version_reply(&stdin), 0)
+    } else {
+        let socket = socket_path(&stdin);
+        let request = ExecRequest {
+            env,
+            stdin: stdin.clone(),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let result = match runtime {
+            Ok(rt) => rt.block_on(call(socket.clone(), request)),
+            Err(e) => Err(format!("starting the runtime: {e}")),
+        };
+        match result {
+            Ok(reply) => (
+                String::from_utf8_lossy(&reply.stdout).into_owned(),
+                reply.exit_code,
+            ),
+            Err(e) => {
+                eprintln!("weft: cannot reach weft-agent at {}: {e}", socket.display());
+                (
+                    error_reply(
+                        &stdin,
+                        11,
+                        &format!(
+                            "cannot reach weft-agent at {}; check that the weft-agent pod is running on this node",
+                            socket.display()
+                        ),
+                        &e,
+                    ),
+                    1,
+                )
+            }
+        }
+    };
+    // A runtime that closed our stdout cannot be told anything else.
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_is_answered_without_the_agent() {
+        let mut out = Vec::new();
+        let env = HashMap::from([("CNI_COMMAND".to_owned(), "VERSION".to_owned())]);
+        assert_eq!(run(env, br#"{"cniVersion":"0.4.0"}"#.to_vec(), &mut out), 0);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["cniVersion"], "0.4.0");
+        assert_eq!(v["supportedVersions"].as_array().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn an_unreachable_agent_is_error_11_naming_the_socket() {
+        let mut out = Vec::new();
+        let env = HashMap::from([("CNI_COMMAND".to_owned(), "ADD".to_owned())]);
+        let stdin = br#"{"cniVersion":"1.0.0","name":"weft","type":"weft","agentSocket":"/nonexistent/weft.sock"}"#;
+        assert_eq!(run(env, stdin.to_vec(), &mut out), 1);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["code"], 11);
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert!(
+            v["msg"]
+                .as_str()
+                .unwrap()
+                .contains("/nonexistent/weft.sock")
+        );
+    }
+
+    #[test]
+    fn the_socket_defaults_and_can_be_overridden() {
+        assert_eq!(socket_path(b"{}"), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(
+            socket_path(br#"{"agentSocket":"/x.sock"}"#),
+            PathBuf::from("/x.sock")
+        );
+        assert_eq!(reply_version(b"garbage"), "1.1.0");
+        assert_eq!(reply_version(br#"{"cniVersion":"0.2.0"}"#), "1.1.0");
+    }
+}

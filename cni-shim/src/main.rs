@@ -1,0 +1,13 @@
+use std::io::Read;
+
+fn main() {
+    let env = weft_cni::CNI_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+    let mut stdin = Vec::new();
+    // An unreadable stdin is forwarded as empty; the agent reports it.
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    let code = weft_cni::run(env, stdin, &mut std::io::stdout().lock());
+    std::process::exit(code);
+}
