@@ -13,7 +13,10 @@ pub const CNI_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"
 
 pub fn render(socket: &Path) -> String {
     let conf = json!({
-        "cniVersion": "1.1.0",
+        // Runtimes that know `cniVersions` (libcni >= 1.2) pick the newest
+        // they support from it; older ones (containerd 1.6) use
+        // `cniVersion` and cannot parse a 1.1.0 result.
+        "cniVersion": "1.0.0",
         "cniVersions": CNI_VERSIONS,
         "name": "weft",
         "plugins": [{
@@ -48,7 +51,7 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&render(Path::new("/run/weft/agent.sock"))).unwrap();
         assert_eq!(v["name"], "weft");
-        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["cniVersions"].as_array().unwrap().len(), 5);
         assert_eq!(v["plugins"][0]["type"], "weft");
         assert_eq!(v["plugins"][0]["agentSocket"], "/run/weft/agent.sock");
