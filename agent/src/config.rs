@@ -62,6 +62,11 @@ pub struct Cli {
     /// Log filter in RUST_LOG syntax, e.g. "info,weft_agent=debug".
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
+
+    /// Validate flags and environment, then exit without touching the
+    /// node or the network (for manifests and CI).
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +89,7 @@ pub struct Config {
     pub heartbeat_seconds: u64,
     pub log_format: LogFormat,
     pub log: String,
+    pub check_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +223,7 @@ impl Config {
                     heartbeat_seconds,
                     log_format: cli.log_format,
                     log: cli.log,
+                    check_only: cli.check_config,
                 })
             }
             _ => Err(ConfigErrors(errors.0)),

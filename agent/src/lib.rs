@@ -323,6 +323,10 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         .and_then(|h| h.into_string().ok());
     let config = Config::from_cli(cli, hostname)?;
     init_tracing(config.log_format, &config.log)?;
+    if config.check_only {
+        info!(node = %config.node_name, server = %config.server, "configuration is valid");
+        return Ok(());
+    }
     let node = config.node_name.clone();
 
     let (stop_tx, stop) = watch::channel(false);

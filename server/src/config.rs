@@ -84,6 +84,11 @@ pub struct Cli {
     /// Log filter in RUST_LOG syntax, e.g. "info,weft_server=debug".
     #[arg(long, env = "WEFT_LOG", default_value = "info", global = true)]
     pub log: String,
+
+    /// Validate flags and environment, then exit without connecting to
+    /// anything (for manifests and CI).
+    #[arg(long, global = true)]
+    pub check_config: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
@@ -113,6 +118,7 @@ pub struct Config {
     pub topology_history: u32,
     pub log_format: LogFormat,
     pub log: String,
+    pub check_only: bool,
 }
 
 /// Every problem found in the settings.
@@ -219,6 +225,7 @@ impl Config {
                 topology_history,
                 log_format: cli.log_format,
                 log: cli.log,
+                check_only: cli.check_config,
             }),
             _ => Err(ConfigErrors(errors.0)),
         }

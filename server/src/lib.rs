@@ -187,6 +187,10 @@ pub async fn connect_with_retry(url: &str) -> anyhow::Result<PgPool> {
 pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     let config = Config::from_cli(cli)?;
     telemetry::init(config.log_format, &config.log).map_err(anyhow::Error::msg)?;
+    if config.check_only {
+        info!(listen = %config.listen, cluster_cidr = %config.layout.cidr(), "configuration is valid");
+        return Ok(());
+    }
     let pool = connect_with_retry(&config.database_url).await?;
     // sqlx takes an advisory lock, so replicas starting together migrate once.
     MIGRATOR

@@ -1,0 +1,17 @@
+# weft-agent plus the weft CNI plugin, which the DaemonSet's init container
+# copies to the host. The agent runs as root: it programs the host's network.
+#   docker build -f deploy/docker/agent.Dockerfile -t weft/weft-agent:0.1.0 .
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p weft-agent \
+ && cargo build --profile release-shim --locked -p weft-cni
+
+FROM debian:bookworm-slim
+# nft for the masquerade table, conntrack to flush released addresses.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables conntrack \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/weft-agent /usr/local/bin/weft-agent
+COPY --from=build /src/target/release-shim/weft /usr/local/bin/weft
+ENTRYPOINT ["/usr/local/bin/weft-agent"]
