@@ -3,6 +3,8 @@
 # directory, never the system service.
 #   scripts/pg.sh start DIR [PORT]   prints the DATABASE_URL
 #   scripts/pg.sh stop DIR           stops it and removes DIR
+#   scripts/pg.sh halt DIR           stops it, keeping its data (an outage)
+#   scripts/pg.sh resume DIR         starts a halted cluster again
 set -euo pipefail
 
 pg_bin() {
@@ -36,9 +38,9 @@ start)
     chmod 700 "$dir"
     runuser -u postgres -- "$bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; exit 1; }
+    echo "-p $port -k $dir/sock -c listen_addresses='' -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >"$dir/opts"
     runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
-        -o "-p $port -k $dir/sock -c listen_addresses='' -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
-        start >&2 || { cat "$dir/postgres.log" >&2; exit 1; }
+        -o "$(cat "$dir/opts")" start >&2 || { cat "$dir/postgres.log" >&2; exit 1; }
     echo "postgres://postgres@localhost:$port/postgres?host=$dir/sock"
     ;;
 stop)
@@ -48,8 +50,15 @@ stop)
     fi
     rm -rf "$dir"
     ;;
+halt)
+    runuser -u postgres -- "$(pg_bin)/pg_ctl" -D "$dir/data" -m fast -w stop >&2
+    ;;
+resume)
+    runuser -u postgres -- "$(pg_bin)/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
+        -o "$(cat "$dir/opts")" start >&2
+    ;;
 *)
-    echo "usage: pg.sh start|stop DIR [PORT]" >&2
+    echo "usage: pg.sh start|stop|halt|resume DIR [PORT]" >&2
     exit 2
     ;;
 esac

@@ -12,7 +12,9 @@ use clap::{Parser, ValueEnum};
     about = "Weft's node agent: bridge, VXLAN tunnels, peer sync and pod wiring"
 )]
 pub struct Cli {
-    /// URL of weft-server's gRPC endpoint, e.g. http://weft-server.weft:7400.
+    /// weft-server's gRPC URL, e.g. http://weft-server.weft:7400. Several
+    /// replicas: a comma-separated list, or a name with several addresses;
+    /// calls go to the replicas that answer.
     #[arg(long, env = "WEFT_SERVER")]
     pub server: Option<String>,
 
@@ -78,7 +80,7 @@ pub enum LogFormat {
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub server: tonic::transport::Uri,
+    pub servers: Vec<tonic::transport::Uri>,
     pub node_name: String,
     pub underlay_ip: Option<Ipv4Addr>,
     pub underlay_interface: Option<String>,
@@ -138,13 +140,22 @@ impl Config {
         let mut errors = Errors::default();
         let server = errors.take(match cli.server.as_deref() {
             None => Err("--server/WEFT_SERVER: required (e.g. http://weft-server:7400)".into()),
-            Some(s) => s
-                .parse::<tonic::transport::Uri>()
-                .ok()
-                .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
-                .ok_or_else(|| {
-                    format!("--server/WEFT_SERVER: {s:?} is not a URL like http://host:7400")
-                }),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .map(|s| {
+                    s.parse::<tonic::transport::Uri>()
+                        .ok()
+                        .filter(|u| {
+                            matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                        })
+                        .ok_or_else(|| {
+                            format!(
+                                "--server/WEFT_SERVER: {s:?} is not a URL like http://host:7400"
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>(),
         });
         let node_name = errors.take(match cli.node_name.or(hostname) {
             Some(n) => valid_node_name(&n.to_ascii_lowercase()),
@@ -212,7 +223,7 @@ impl Config {
                 if errors.0.is_empty() =>
             {
                 Ok(Self {
-                    server,
+                    servers: server,
                     node_name,
                     underlay_ip,
                     underlay_interface: cli.underlay_interface,
@@ -298,6 +309,29 @@ mod tests {
         ] {
             assert!(text.contains(flag), "{flag} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn several_servers_are_comma_separated() {
+        let c = Config::from_cli(
+            cli(&[
+                "--server",
+                "http://198.51.100.254:7400, http://198.51.100.253:7400",
+                "--node-name",
+                "a",
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.servers[1].host(), Some("198.51.100.253"));
+        assert!(
+            Config::from_cli(
+                cli(&["--server", "http://a:1,nope", "--node-name", "a"]),
+                None
+            )
+            .is_err()
+        );
     }
 
     #[test]

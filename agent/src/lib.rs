@@ -86,25 +86,59 @@ fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!(e))
 }
 
-fn server_channel(config: &Config) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from(config.server.clone())
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        // A server that vanishes without closing the connection (node
-        // crash, partition) is noticed within seconds.
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+/// One endpoint per server replica: each listed URL, and each address of a
+/// name that resolves to several. The channel sends each call to a replica
+/// that is up, so one replica dying is a reconnect, not an outage.
+async fn server_channel(config: &Config) -> anyhow::Result<Channel> {
+    let endpoint = |uri: tonic::transport::Uri| {
+        Endpoint::from(uri)
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            // A server that vanishes without closing the connection (node
+            // crash, partition) is noticed within seconds.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+    };
+    let mut endpoints = Vec::new();
+    for uri in &config.servers {
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(7400);
+        let addrs: Vec<std::net::SocketAddr> = if host.parse::<std::net::IpAddr>().is_ok() {
+            Vec::new()
+        } else {
+            tokio::net::lookup_host((host, port))
+                .await
+                .map(Iterator::collect)
+                .unwrap_or_default()
+        };
+        if addrs.len() > 1 {
+            for addr in addrs {
+                let scheme = uri.scheme_str().unwrap_or("http");
+                endpoints.push(endpoint(format!("{scheme}://{addr}").parse()?));
+            }
+        } else {
+            endpoints.push(endpoint(uri.clone()));
+        }
+    }
+    match endpoints.len() {
+        1 => Ok(endpoints.remove(0).connect_lazy()),
+        _ => Ok(Channel::balance_list(endpoints.into_iter())),
+    }
 }
 
 async fn resolve_server(config: &Config) -> anyhow::Result<Ipv4Addr> {
-    let host = config.server.host().context("--server has no host")?;
+    let uri = config.servers.first().context("no --server")?;
+    let host = uri.host().context("--server has no host")?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<Ipv4Addr>() {
         return Ok(ip);
     }
-    let port = config.server.port_u16().unwrap_or(7400);
+    let port = uri.port_u16().unwrap_or(7400);
     tokio::net::lookup_host((host, port))
         .await
         .with_context(|| format!("resolving {host}"))?
@@ -324,7 +358,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     let config = Config::from_cli(cli, hostname)?;
     init_tracing(config.log_format, &config.log)?;
     if config.check_only {
-        info!(node = %config.node_name, server = %config.server, "configuration is valid");
+        info!(node = %config.node_name, servers = ?config.servers, "configuration is valid");
         return Ok(());
     }
     let node = config.node_name.clone();
@@ -359,9 +393,9 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         Some(mac) => mac,
         None => vtep_mac_for(&node),
     };
-    info!(%node, underlay_ip = %underlay.ip, underlay_if = %underlay.ifname, underlay_mtu = underlay.mtu, %mac, server = %config.server, "starting");
+    info!(%node, underlay_ip = %underlay.ip, underlay_if = %underlay.ifname, underlay_mtu = underlay.mtu, %mac, servers = ?config.servers, "starting");
 
-    let channel = server_channel(&config)?;
+    let channel = server_channel(&config).await?;
     let mut client = TopologyClient::new(channel.clone());
     let mut stop_reg = stop.clone();
     let Some(assignment) = register(&mut client, &node, underlay.ip, mac, &mut stop_reg).await?

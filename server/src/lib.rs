@@ -85,14 +85,7 @@ impl RunningServer {
         );
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
-        for name in ["weft.v1.Topology", "weft.v1.Ipam", "weft.v1.Admin"] {
-            health_reporter
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
-        }
+        set_health(&health_reporter, ServingStatus::Serving).await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -131,6 +124,11 @@ impl RunningServer {
                 }
             }
         });
+        let health_task = tokio::spawn(watch_database(
+            store.clone(),
+            health_reporter,
+            stopped.clone(),
+        ));
         let metrics_task = tokio::spawn(async move {
             if let Err(e) =
                 metrics::serve_http(metrics_listener, metrics, store, wait_for(stopped)).await
@@ -143,7 +141,7 @@ impl RunningServer {
             grpc_addr,
             metrics_addr,
             stop,
-            tasks: vec![grpc_task, metrics_task],
+            tasks: vec![grpc_task, metrics_task, health_task],
         })
     }
 
@@ -155,6 +153,49 @@ impl RunningServer {
             match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
                 Ok(_) => {}
                 Err(_) => warn!("drain timed out; closing remaining streams"),
+            }
+        }
+    }
+}
+
+/// Services whose health follows the database.
+const SERVICES: [&str; 4] = ["", "weft.v1.Topology", "weft.v1.Ipam", "weft.v1.Admin"];
+/// How often the database is checked for the health status.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for name in SERVICES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// A replica that cannot reach PostgreSQL cannot answer anything: report
+/// NOT_SERVING so load balancers and probes route around it, and SERVING
+/// again once the pool reconnects.
+async fn watch_database(
+    store: Store,
+    reporter: tonic_health::server::HealthReporter,
+    mut stopped: signal_watch::Receiver<bool>,
+) {
+    let mut serving = true;
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        let ok = matches!(
+            tokio::time::timeout(HEALTH_INTERVAL, store.ping()).await,
+            Ok(Ok(()))
+        );
+        if ok != serving {
+            serving = ok;
+            if ok {
+                info!("database reachable again; serving");
+                set_health(&reporter, ServingStatus::Serving).await;
+            } else {
+                warn!("database unreachable; reporting NOT_SERVING");
+                set_health(&reporter, ServingStatus::NotServing).await;
             }
         }
     }

@@ -17,6 +17,7 @@ use std::{
 use serde_json::Value;
 
 pub const SERVER_IP: &str = "198.51.100.254";
+pub const REPLICA_IP: &str = "198.51.100.253";
 
 /// Root is needed for namespaces. Outside CI a test may skip; in CI the
 /// datapath must never go untested.
@@ -112,6 +113,8 @@ pub struct Cluster {
     pub nodes: Vec<String>,
     pub dir: PathBuf,
     server: Option<Child>,
+    /// A second server replica on 198.51.100.253, when started.
+    replica: Option<Child>,
     pub agents: Vec<Option<Agent>>,
     database: String,
     admin_url: String,
@@ -146,6 +149,7 @@ impl Cluster {
             nodes: (1..=nodes).map(|n| format!("{id}-node{n}")).collect(),
             dir,
             server: None,
+            replica: None,
             agents: (0..nodes).map(|_| None).collect(),
             database: id.clone(),
             admin_url,
@@ -262,6 +266,60 @@ impl Cluster {
         });
     }
 
+    /// Starts a second replica on the same database, in a namespace of its
+    /// own on the fabric; agents started afterwards are given both.
+    pub fn start_replica(&mut self) {
+        let ns = format!("{}-control2", self.id);
+        self.attach(&ns, "ctl2", REPLICA_IP);
+        let log = fs::File::create(self.dir.join("replica.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(bin_dir().join("weft-server"))
+            .args([
+                "--listen",
+                &format!("{REPLICA_IP}:7400"),
+                "--metrics-listen",
+                &format!("{REPLICA_IP}:7401"),
+            ])
+            .env("DATABASE_URL", self.database_url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.replica = Some(child);
+        wait_until("the replica to listen", Duration::from_secs(20), || {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "bash",
+                    "-c",
+                    &format!("exec 3<>/dev/tcp/{REPLICA_IP}/7400"),
+                ])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    }
+
+    /// SIGKILL, as a crashed node would do it.
+    pub fn kill_replica(&mut self) {
+        if let Some(mut child) = self.replica.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn server_urls(&self) -> String {
+        let mut urls = format!("http://{SERVER_IP}:7400");
+        if self.namespaces.iter().any(|n| n.ends_with("-control2")) {
+            urls.push_str(&format!(",http://{REPLICA_IP}:7400"));
+        }
+        urls
+    }
+
     pub fn stop_server(&mut self) {
         if let Some(mut child) = self.server.take() {
             let _ = child.kill();
@@ -281,7 +339,7 @@ impl Cluster {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.nodes[node]])
             .arg(bin_dir().join("weft-agent"))
-            .args(["--server", &format!("http://{SERVER_IP}:7400")])
+            .args(["--server", &self.server_urls()])
             .args(["--node-name", &format!("node{}", node + 1)])
             .arg("--socket")
             .arg(self.dir.join(format!("node{node}.sock")))
@@ -435,11 +493,55 @@ impl Cluster {
     }
 }
 
-/// Kernel timers and counters tick on their own; they are not state.
+/// Asserts two `kernel_state` snapshots are equal, showing only what differs.
+pub fn assert_same_state(before: &str, after: &str, what: &str) {
+    if before == after {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (b, a) in before.lines().zip(after.lines()) {
+        let (vb, va): (Value, Value) = (
+            serde_json::from_str(b).unwrap_or(Value::Null),
+            serde_json::from_str(a).unwrap_or(Value::Null),
+        );
+        let items = |v: &Value| -> Vec<String> {
+            match v {
+                Value::Array(items) => items.iter().map(Value::to_string).collect(),
+                Value::Object(m) => m
+                    .get("nftables")
+                    .and_then(Value::as_array)
+                    .map(|i| i.iter().map(Value::to_string).collect())
+                    .unwrap_or_else(|| vec![v.to_string()]),
+                other => vec![other.to_string()],
+            }
+        };
+        let (ib, ia) = (items(&vb), items(&va));
+        diffs.extend(
+            ib.iter()
+                .filter(|x| !ia.contains(x))
+                .map(|x| format!("- {x}")),
+        );
+        diffs.extend(
+            ia.iter()
+                .filter(|x| !ib.contains(x))
+                .map(|x| format!("+ {x}")),
+        );
+    }
+    panic!("{what}:\n{}", diffs.join("\n"));
+}
+
+/// Kernel timers tick on their own, and carrier (operstate, NO-CARRIER,
+/// LOWER_UP, linkdown) follows whether a port-less bridge has settled; none
+/// of it is configuration. The admin state (UP) is kept.
 fn strip_timers(v: &mut Value) {
     match v {
         Value::Object(map) => {
-            map.retain(|k, _| !k.ends_with("_timer") && k != "tentative");
+            map.retain(|k, _| !k.ends_with("_timer") && k != "tentative" && k != "operstate");
+            if let Some(Value::Array(flags)) = map.get_mut("flags") {
+                flags.retain(|f| {
+                    !matches!(f.as_str(), Some("NO-CARRIER" | "LOWER_UP" | "linkdown"))
+                });
+            }
             map.values_mut().for_each(strip_timers);
         }
         Value::Array(items) => items.iter_mut().for_each(strip_timers),
@@ -546,6 +648,7 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
         self.stop_server();
+        self.kill_replica();
         for ns in self.pods.iter().chain(self.namespaces.iter().rev()) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
