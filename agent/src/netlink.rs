@@ -47,6 +47,10 @@ pub const NFT_TABLE: &str = "weft";
 #[derive(Debug, Clone)]
 pub struct NetlinkDatapath {
     handle: Handle,
+    /// weft.vxlan's ifindex, so programming thousands of entries does not
+    /// look the device up for each; forgotten when an operation says the
+    /// device is gone.
+    vxlan: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
@@ -134,7 +138,10 @@ impl NetlinkDatapath {
         let (connection, handle, _) =
             rtnetlink::new_connection().map_err(DatapathError::io("opening netlink socket"))?;
         tokio::spawn(connection);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            vxlan: std::sync::Arc::default(),
+        })
     }
 
     /// The underlying handle, for pod wiring in the same namespace.
@@ -342,7 +349,18 @@ impl NetlinkDatapath {
     }
 
     async fn vxlan_index(&self) -> Result<Option<u32>> {
-        Ok(self.link(VXLAN_NAME).await?.map(|l| l.header.index))
+        use std::sync::atomic::Ordering;
+        let cached = self.vxlan.load(Ordering::Acquire);
+        if cached != 0 {
+            return Ok(Some(cached));
+        }
+        let index = self.link(VXLAN_NAME).await?.map(|l| l.header.index);
+        self.vxlan.store(index.unwrap_or(0), Ordering::Release);
+        Ok(index)
+    }
+
+    fn forget_vxlan(&self) {
+        self.vxlan.store(0, std::sync::atomic::Ordering::Release);
     }
 
     async fn create_vtep(&self, spec: &VtepSpec) -> Result<()> {
@@ -413,6 +431,8 @@ impl Datapath for NetlinkDatapath {
     }
 
     async fn ensure_vtep(&self, spec: &VtepSpec) -> Result<()> {
+        // The device may be recreated below.
+        self.forget_vxlan();
         let existing = self.link(VXLAN_NAME).await?;
         let link = match existing {
             Some(link) => match vtep_mismatch(&link, spec) {
@@ -710,6 +730,10 @@ impl Datapath for NetlinkDatapath {
         };
         match result {
             Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => {
+                self.forget_vxlan();
+                Err(DatapathError::netlink(op)(e))
+            }
             other => other.map_err(DatapathError::netlink(op)),
         }
     }
@@ -745,6 +769,10 @@ impl Datapath for NetlinkDatapath {
         };
         match result {
             Err(e) if matches!(errno(&e), Some(ENOENT | ESRCH)) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => {
+                self.forget_vxlan();
+                Err(DatapathError::netlink(op)(e))
+            }
             other => other.map_err(DatapathError::netlink(op)),
         }
     }

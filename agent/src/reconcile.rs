@@ -47,6 +47,36 @@ impl fmt::Display for ReconcileError {
 
 impl std::error::Error for ReconcileError {}
 
+/// Requests in flight at once per group.
+const IN_FLIGHT: usize = 64;
+
+/// Splits an ordered plan into runs of one entry kind.
+fn by_layer(entries: &[Entry]) -> Vec<&[Entry]> {
+    entries
+        .chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b))
+        .collect()
+}
+
+async fn run_group<D: Datapath>(
+    dp: &D,
+    group: &[Entry],
+    add: bool,
+) -> Vec<(Entry, Result<(), DatapathError>)> {
+    use futures::StreamExt;
+    futures::stream::iter(group.iter().copied())
+        .map(|e| async move {
+            let result = if add {
+                dp.add_entry(&e).await
+            } else {
+                dp.remove_entry(&e).await
+            };
+            (e, result)
+        })
+        .buffered(IN_FLIGHT)
+        .collect()
+        .await
+}
+
 pub async fn reconcile<D: Datapath>(dp: &D, peers: &PeerSet) -> Result<Applied, ReconcileError> {
     let current = dp.peer_entries().await.map_err(ReconcileError::Read)?;
     let desired = desired_entries(peers.peers());
@@ -61,23 +91,32 @@ pub async fn reconcile<D: Datapath>(dp: &D, peers: &PeerSet) -> Result<Applied, 
     }
     let mut applied = Applied::default();
     let mut failed = Vec::new();
-    for entry in &plan.remove {
-        match dp.remove_entry(entry).await {
-            Ok(()) => {
-                applied.removed += 1;
-                info!(%entry, "removed");
+    // Entries of one kind do not depend on each other: send them
+    // together. Kinds still go in order (see `plan`).
+    for group in by_layer(&plan.remove) {
+        for (entry, result) in run_group(dp, group, false).await {
+            match result {
+                Ok(()) => {
+                    applied.removed += 1;
+                    info!(%entry, "removed");
+                }
+                Err(e) => failed.push((entry, e)),
             }
-            Err(e) => failed.push((*entry, e)),
         }
     }
-    for entry in &plan.add {
-        match dp.add_entry(entry).await {
-            Ok(()) => {
-                applied.added += 1;
-                info!(%entry, "added");
+    for group in by_layer(&plan.add) {
+        for (entry, result) in run_group(dp, group, true).await {
+            match result {
+                Ok(()) => {
+                    applied.added += 1;
+                    debug!(%entry, "added");
+                }
+                Err(e) => failed.push((entry, e)),
             }
-            Err(e) => failed.push((*entry, e)),
         }
+    }
+    if applied.added > 0 {
+        info!(added = applied.added, "peer entries added");
     }
     if failed.is_empty() {
         Ok(applied)

@@ -135,17 +135,30 @@ impl NodeBlock {
             .then_some(offset)
     }
 
-    /// The next free pod offset after `last` in round-robin order, as
-    /// host-local does: a just-released address is the last to come back.
-    pub fn next_free(&self, last: u32, used: &HashSet<u32>) -> Option<u32> {
+    /// The offset ranges to search, in order, for the next address after
+    /// `last` in round-robin order, as host-local does: a just-released
+    /// address is the last to come back. Inclusive bounds; empty ranges are
+    /// left out.
+    pub fn search_ranges(&self, last: u32) -> Vec<(u32, u32)> {
         let (first, end) = (self.first_pod_offset(), self.last_pod_offset());
         let start = if (first..end).contains(&last) {
             last + 1
         } else {
             first
         };
-        (start..=end)
-            .chain(first..start)
+        let mut ranges = vec![(start, end)];
+        if start > first {
+            ranges.push((first, start - 1));
+        }
+        ranges
+    }
+
+    /// The next free pod offset after `last` in round-robin order, given
+    /// every used offset: the same order as [`NodeBlock::search_ranges`].
+    pub fn next_free(&self, last: u32, used: &HashSet<u32>) -> Option<u32> {
+        self.search_ranges(last)
+            .into_iter()
+            .flat_map(|(from, to)| from..=to)
             .find(|o| !used.contains(o))
     }
 }
@@ -234,6 +247,15 @@ mod tests {
         // Released offset 3 is the last one tried again.
         assert_eq!(b.next_free(3, &HashSet::from([2, 4, 5, 6])), Some(3));
         assert_eq!(b.next_free(3, &HashSet::from([2, 3, 4, 5, 6])), None);
+    }
+
+    #[test]
+    fn search_ranges_continue_after_the_cursor_then_wrap() {
+        let b = NodeBlock::new("10.244.0.0/29".parse().unwrap()); // offsets 2..=6
+        assert_eq!(b.search_ranges(0), [(2, 6)]);
+        assert_eq!(b.search_ranges(3), [(4, 6), (2, 3)]);
+        assert_eq!(b.search_ranges(6), [(2, 6)], "after the last, start over");
+        assert_eq!(b.search_ranges(2), [(3, 6), (2, 2)]);
     }
 
     #[test]

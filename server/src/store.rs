@@ -588,25 +588,31 @@ impl Store {
                 return Ok((existing, false));
             }
 
-            let used: Vec<IpAddr> =
-                sqlx::query_scalar("SELECT address FROM allocations WHERE node_name = $1")
-                    .bind(node.as_str())
-                    .fetch_all(&mut **tx)
-                    .await?;
-            let used: HashSet<u32> = used
-                .into_iter()
-                .filter_map(|ip| match ip {
-                    IpAddr::V4(v4) => block.pod_offset(v4),
-                    IpAddr::V6(_) => None,
-                })
-                .collect();
-            let offset = block
-                .next_free(u32::try_from(last_offset).unwrap_or(0), &used)
-                .ok_or_else(|| StoreError::BlockExhausted {
-                    node: node.clone(),
-                    block,
-                    capacity: block.capacity(),
-                })?;
+            // Probe the round-robin ranges in order and stop at the first
+            // free offset: one index lookup per taken address passed, not a
+            // scan of the whole block.
+            let mut offset = None;
+            for (from, to) in block.search_ranges(u32::try_from(last_offset).unwrap_or(0)) {
+                offset = sqlx::query_scalar::<_, i64>(
+                    "SELECT o FROM generate_series($2::bigint, $3::bigint) AS o
+                     WHERE NOT EXISTS (SELECT 1 FROM allocations a WHERE a.address = $1::inet + o)
+                     LIMIT 1",
+                )
+                .bind(IpAddr::V4(block.net().network()))
+                .bind(i64::from(from))
+                .bind(i64::from(to))
+                .fetch_optional(&mut **tx)
+                .await?
+                .and_then(|o| u32::try_from(o).ok());
+                if offset.is_some() {
+                    break;
+                }
+            }
+            let offset = offset.ok_or_else(|| StoreError::BlockExhausted {
+                node: node.clone(),
+                block,
+                capacity: block.capacity(),
+            })?;
             let address = block.address(offset);
 
             let allocated_at: DateTime<Utc> = sqlx::query_scalar(

@@ -1,0 +1,304 @@
+//! Benchmarks 1 and 2: CNI ADD/DEL latency and a burst of ADDs, through
+//! the real `weft` binary, against Debian's `bridge` + `host-local` driven
+//! the same way. The driver runs inside the node namespace and execs the
+//! plugin directly, as a container runtime does.
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+use crate::{
+    cluster::{Cluster, Env},
+    harness::{Latency, Netns},
+    report::{Figure, Report, Target},
+};
+
+/// Execs a CNI plugin in `node_ns` as a runtime would; its stdout.
+pub fn exec(
+    node_ns: &str,
+    plugin: &Path,
+    cni_path: &Path,
+    conf: &str,
+    command: &str,
+    id: &str,
+    netns: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", node_ns])
+        .arg(plugin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={id}"),
+        )
+        .env("CNI_PATH", cni_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{command} {id}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// `weft-bench cni-driver`: runs inside the node namespace. ADDs every pod
+/// with `concurrency` workers, then DELs them; prints per-op latencies.
+pub fn driver(
+    plugin: &str,
+    cni_path: &str,
+    conf_file: &str,
+    pods: &str,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let conf = std::fs::read_to_string(conf_file)?;
+    let pods: Vec<String> = pods.split(',').map(str::to_owned).collect();
+    let mut result = json!({});
+    for command in ["ADD", "DEL"] {
+        let next = Arc::new(AtomicUsize::new(0));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..concurrency {
+                let (next, samples, errors, pods, conf) =
+                    (next.clone(), samples.clone(), errors.clone(), &pods, &conf);
+                scope.spawn(move || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(pod) = pods.get(i) else { break };
+                        let t = Instant::now();
+                        let out = run_plugin(plugin, cni_path, conf, command, pod);
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        match out {
+                            Ok(()) => samples.lock().map(|mut s| s.push(ms)).unwrap_or(()),
+                            Err(e) => errors
+                                .lock()
+                                .map(|mut v| v.push(e.to_string()))
+                                .unwrap_or(()),
+                        }
+                    }
+                });
+            }
+        });
+        let wall = start.elapsed().as_secs_f64() * 1e3;
+        let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+        let errors = errors.lock().map(|e| e.clone()).unwrap_or_default();
+        result[command] = json!({ "samples": samples, "wall_ms": wall, "errors": errors });
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{result}")?;
+    Ok(())
+}
+
+fn run_plugin(
+    plugin: &str,
+    cni_path: &str,
+    conf: &str,
+    command: &str,
+    pod: &str,
+) -> anyhow::Result<()> {
+    let mut child = Command::new(plugin)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", pod)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod}"),
+        )
+        .env("CNI_PATH", cni_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{command} {pod}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
+}
+
+struct Run {
+    add: Vec<f64>,
+    del: Vec<f64>,
+    add_wall: f64,
+}
+
+/// Runs the driver in `node_ns` over `count` fresh pod namespaces.
+#[allow(clippy::too_many_arguments)] // one call site per plugin, all explicit
+fn drive(
+    env: &Env,
+    node_ns: &str,
+    plugin: &Path,
+    cni_path: &Path,
+    conf: &str,
+    tag: &str,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<Run> {
+    let pods: Vec<Netns> = (0..count)
+        .map(|i| Netns::new(&format!("{tag}-{i}")))
+        .collect::<Result<_, _>>()?;
+    let names: Vec<&str> = pods.iter().map(|p| p.0.as_str()).collect();
+    let conf_file = env.dir.join(format!("{tag}.conf"));
+    std::fs::write(&conf_file, conf)?;
+    let out = crate::harness::run(
+        Command::new("ip")
+            .args(["netns", "exec", node_ns])
+            .arg(std::env::current_exe()?)
+            .arg("cni-driver")
+            .arg("--plugin")
+            .arg(plugin)
+            .arg("--cni-path")
+            .arg(cni_path)
+            .arg("--conf")
+            .arg(&conf_file)
+            .args([
+                "--pods",
+                &names.join(","),
+                "--concurrency",
+                &concurrency.to_string(),
+            ]),
+    )?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    for command in ["ADD", "DEL"] {
+        if let Some(first) = v[command]["errors"].as_array().and_then(|e| e.first()) {
+            bail!("{tag}: {command} failed: {first}");
+        }
+    }
+    let samples = |k: &str| {
+        v[k]["samples"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    Ok(Run {
+        add: samples("ADD"),
+        del: samples("DEL"),
+        add_wall: v["ADD"]["wall_ms"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+fn reference_conf(dir: &Path, tag: &str) -> String {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": format!("ref-{tag}"),
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": true,
+        "ipMasq": true,
+        "ipam": {
+            "type": "host-local",
+            "subnet": "10.244.200.0/24",
+            "dataDir": dir.join(format!("host-local-{tag}")),
+        },
+    })
+    .to_string()
+}
+
+pub fn bench(env: &Env, report: &mut Report, pods: usize, burst: usize) -> anyhow::Result<()> {
+    let reference = Path::new("/usr/lib/cni/bridge");
+    if !reference.exists() {
+        bail!(
+            "{} missing: apt-get install containernetworking-plugins",
+            reference.display()
+        );
+    }
+    for (concurrency, label) in [(1, "sequential"), (8, "concurrency 8")] {
+        let tag = format!("wb{concurrency}");
+        let weft = {
+            let c = Cluster::start(env, &format!("{tag}w"), 1, 24)?;
+            drive(
+                env,
+                &c.nodes[0].0,
+                &env.shim,
+                Path::new("/opt/cni/bin"),
+                &c.conf(0),
+                &format!("{tag}wp"),
+                pods,
+                concurrency,
+            )?
+        };
+        let anchor = {
+            let node = Netns::new(&format!("{tag}r-node"))?;
+            drive(
+                env,
+                &node.0,
+                reference,
+                Path::new("/usr/lib/cni"),
+                &reference_conf(&env.dir, &tag),
+                &format!("{tag}rp"),
+                pods,
+                concurrency,
+            )?
+        };
+        let (wa, ra) = (Latency::of(&weft.add), Latency::of(&anchor.add));
+        let (wd, rd) = (Latency::of(&weft.del), Latency::of(&anchor.del));
+        let add_target = if concurrency == 1 { 0.25 } else { 0.2 };
+        report.latency(
+            &format!("CNI ADD, {pods} pods {label}"),
+            wa,
+            "bridge+host-local",
+            ra,
+            Some(Target::RatioAtMost(add_target)),
+        );
+        report.latency(
+            &format!("CNI DEL, {pods} pods {label}"),
+            wd,
+            "bridge+host-local",
+            rd,
+            Some(Target::RatioAtMost(0.5)),
+        );
+    }
+
+    let c = Cluster::start(env, "wbb", 1, 24)?;
+    let run = drive(
+        env,
+        &c.nodes[0].0,
+        &env.shim,
+        Path::new("/opt/cni/bin"),
+        &c.conf(0),
+        "wbbp",
+        burst,
+        burst,
+    )?;
+    report.push(Figure {
+        name: format!("burst: {burst} concurrent ADDs on one node, all wired"),
+        unit: "ms",
+        weft: run.add_wall,
+        anchor: None,
+        target: Some(Target::AtMost(2000.0)),
+    });
+    Ok(())
+}

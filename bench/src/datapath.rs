@@ -1,0 +1,157 @@
+//! Benchmark 6 and the agent half of 7: TCP pod to pod across nodes
+//! against a hand-built kernel VXLAN and the bare underlay between the same
+//! kind of namespaces; agent memory idle and with thousands of peers.
+
+use std::{process::Command, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use crate::{
+    cluster::{Cluster, Env},
+    harness::{Fabric, Proc, in_ns, wait_until},
+    report::{Figure, Report, Target},
+};
+
+/// iperf3 from namespace `from` to `to_ip` (server in `to`); Gbit/s.
+fn iperf(env: &Env, from: &str, to: &str, to_ip: &str, secs: u64) -> anyhow::Result<f64> {
+    let server = Proc::spawn(
+        Command::new("ip").args(["netns", "exec", to, "iperf3", "-s", "-1", "-B", to_ip]),
+        &env.dir.join(format!("iperf-{to}.log")),
+    )?;
+    // The server may not listen yet; iperf3 -J reports that in its JSON.
+    let mut last = Value::Null;
+    for _ in 0..50 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                from,
+                "iperf3",
+                "-c",
+                to_ip,
+                "-t",
+                &secs.to_string(),
+                "-J",
+            ])
+            .output()?;
+        last = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if out.status.success() && last.get("error").is_none() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(server);
+    let bps = last["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| {
+            format!(
+                "no iperf3 result: {}",
+                last.get("error").unwrap_or(&last["end"])
+            )
+        })?;
+    Ok(bps / 1e9)
+}
+
+pub fn bench(env: &Env, report: &mut Report, secs: u64) -> anyhow::Result<()> {
+    let weft = {
+        let c = Cluster::start(env, "wbd", 2, 24)?;
+        let (a, _) = c.pod(env, 0, "a")?;
+        let (b, b_ip) = c.pod(env, 1, "b")?;
+        wait_until("a -> b", Duration::from_secs(10), || {
+            in_ns(&a.0, &["ping", "-c1", "-W1", &b_ip]).is_ok()
+        })?;
+        iperf(env, &a.0, &b.0, &b_ip, secs)?
+    };
+    let (vxlan, bare) = {
+        let mut fabric = Fabric::new("wbh-fabric")?;
+        let h0 = fabric.attach("wbh-0", "198.51.100.1")?;
+        let h1 = fabric.attach("wbh-1", "198.51.100.2")?;
+        for (ns, local, remote, addr) in [
+            (&h0, "198.51.100.1", "198.51.100.2", "10.244.250.1"),
+            (&h1, "198.51.100.2", "198.51.100.1", "10.244.250.2"),
+        ] {
+            in_ns(
+                &ns.0,
+                &[
+                    "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local,
+                    "remote", remote, "dstport", "4789", "dev", "eth0",
+                ],
+            )?;
+            in_ns(&ns.0, &["ip", "link", "set", "vx0", "mtu", "1450", "up"])?;
+            in_ns(
+                &ns.0,
+                &["ip", "addr", "add", &format!("{addr}/24"), "dev", "vx0"],
+            )?;
+        }
+        wait_until("hand-built vxlan", Duration::from_secs(10), || {
+            in_ns(&h0.0, &["ping", "-c1", "-W1", "10.244.250.2"]).is_ok()
+        })?;
+        (
+            iperf(env, &h0.0, &h1.0, "10.244.250.2", secs)?,
+            iperf(env, &h0.0, &h1.0, "198.51.100.2", secs)?,
+        )
+    };
+    report.push(Figure {
+        name: "TCP pod to pod across nodes".into(),
+        unit: "Gbit/s",
+        weft,
+        anchor: Some(("hand-built kernel VXLAN".into(), vxlan)),
+        target: Some(Target::RatioAtLeast(0.95)),
+    });
+    report.push(Figure {
+        name: "TCP pod to pod across nodes, against the bare underlay".into(),
+        unit: "Gbit/s",
+        weft,
+        anchor: Some(("bare underlay veth".into(), bare)),
+        target: None,
+    });
+    Ok(())
+}
+
+/// The agent's memory idle (no peers) and after programming `peers` peers.
+pub fn agent_footprint(env: &Env, report: &mut Report, peers: u32) -> anyhow::Result<()> {
+    let mut c = Cluster::start(env, "wbf", 1, 29)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (idle, _) = c.agents[0].rss_mib();
+    c.sql(&format!(
+        "INSERT INTO nodes (name, underlay_ip, vtep_mac, block_index, block)
+         SELECT 'ghost' || i, ('203.0.113.' || (i % 250 + 1))::inet,
+                ('02:00:' || lpad(to_hex(i / 65536 % 256), 2, '0') || ':' || lpad(to_hex(i / 256 % 256), 2, '0')
+                   || ':' || lpad(to_hex(i % 256), 2, '0') || ':01')::macaddr,
+                i, set_masklen('10.244.0.0'::inet + i * 8, 29)::cidr
+         FROM generate_series(1, {peers}) i"
+    ))?;
+    // A restarted agent gets them all in one snapshot.
+    c.agents.clear();
+    c.restart_agent(env, 0)?;
+    let agent = &c.agents[0];
+    wait_until(
+        "the agent to program every peer",
+        Duration::from_secs(120),
+        || agent.log_text().contains(&format!("peers={peers}")),
+    )?;
+    let (loaded, peak) = agent.rss_mib();
+    for (name, v, target) in [
+        ("weft-agent RSS idle".to_owned(), idle, None),
+        (
+            format!("weft-agent RSS with {peers} peers programmed"),
+            loaded,
+            None,
+        ),
+        (
+            format!("weft-agent peak RSS (VmHWM) with {peers} peers"),
+            peak,
+            Some(Target::AtMost(20.0)),
+        ),
+    ] {
+        report.push(Figure {
+            name,
+            unit: "MiB",
+            weft: v,
+            anchor: None,
+            target,
+        });
+    }
+    Ok(())
+}

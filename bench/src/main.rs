@@ -1,0 +1,167 @@
+//! weft-bench: each of Weft's performance figures beside its anchor,
+//! measured in one run on this machine (docs/performance.md).
+//!
+//! `weft-bench run [--quick]` needs root (namespaces) and DATABASE_URL;
+//! `scripts/bench` sets everything up. The `cni-driver` and `kernel-apply`
+//! subcommands are its helpers, run inside namespaces.
+
+mod cluster;
+mod cni;
+mod control;
+mod datapath;
+mod harness;
+mod kernel;
+mod report;
+
+use std::{io::Write, path::PathBuf, time::Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-bench",
+    version,
+    about = "Weft's benchmarks beside their anchors"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run every benchmark and print the table (and JSON).
+    Run {
+        /// Small N: checks that every benchmark still runs (CI).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON report.
+        #[arg(long, default_value = "target/bench.json")]
+        json: PathBuf,
+        /// The `weft` plugin binary to measure (default: beside this one).
+        #[arg(long)]
+        shim: Option<PathBuf>,
+        /// PostgreSQL for the benchmarks' databases.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Helper: drive a CNI plugin over pods (runs inside a node namespace).
+    #[command(hide = true)]
+    CniDriver {
+        #[arg(long)]
+        plugin: String,
+        #[arg(long)]
+        cni_path: String,
+        #[arg(long)]
+        conf: String,
+        #[arg(long)]
+        pods: String,
+        #[arg(long)]
+        concurrency: usize,
+    },
+    /// Helper: program peers in the current namespace and print the time.
+    #[command(hide = true)]
+    KernelApply {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        peers: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::CniDriver {
+            plugin,
+            cni_path,
+            conf,
+            pods,
+            concurrency,
+        } => cni::driver(&plugin, &cni_path, &conf, &pods, concurrency),
+        Cmd::KernelApply { mode, peers } => kernel::apply(&mode, peers).await,
+        Cmd::Run {
+            quick,
+            json,
+            shim,
+            database_url,
+        } => run(quick, json, shim, database_url).await,
+    }
+}
+
+async fn run(
+    quick: bool,
+    json: PathBuf,
+    shim: Option<PathBuf>,
+    admin_url: String,
+) -> anyhow::Result<()> {
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("binary directory")?
+        .to_path_buf();
+    let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let env = cluster::Env {
+        shim: shim.unwrap_or_else(|| bin.join("weft")),
+        bin,
+        admin_url,
+        dir: dir.clone(),
+    };
+    // (pods, burst, IPAM seconds, watchers, snapshot peers, kernel peers,
+    // iperf seconds, footprint peers, footprint allocations)
+    let n = if quick {
+        (10, 20, 1, 100, 200, 500, 1, 500, 5_000)
+    } else {
+        (50, 100, 10, 1_000, 5_000, 5_000, 5, 5_000, 100_000)
+    };
+    let mut report = report::Report::default();
+    let start = Instant::now();
+    let log = |what: &str| eprintln!("[{:>6.1}s] {what}", start.elapsed().as_secs_f64());
+
+    log("CNI ADD/DEL latency and burst");
+    cni::bench(&env, &mut report, n.0, n.1)?;
+    log("IPAM throughput against pgbench");
+    control::ipam(&env, &mut report, n.2).await?;
+    log("peer propagation and snapshot");
+    control::propagation(&env, &mut report, n.3, n.4).await?;
+    log("agent kernel programming against ip -batch");
+    kernel::bench(&mut report, n.5)?;
+    log("datapath throughput");
+    datapath::bench(&env, &mut report, n.6)?;
+    log("footprint");
+    control::server_footprint(&env, &mut report, n.7, n.8).await?;
+    datapath::agent_footprint(&env, &mut report, n.7)?;
+    let shim_size = std::fs::metadata(&env.shim)?.len() as f64 / 1024.0;
+    let t = Instant::now();
+    let runs = 200;
+    for _ in 0..runs {
+        harness::run(std::process::Command::new(&env.shim).env("CNI_COMMAND", "VERSION"))?;
+    }
+    let exec_ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(runs);
+    report.push(report::Figure {
+        name: format!("weft plugin binary size ({})", env.shim.display()),
+        unit: "KiB",
+        weft: shim_size,
+        anchor: None,
+        target: None,
+    });
+    report.push(report::Figure {
+        name: "weft plugin exec + VERSION, mean of 200".into(),
+        unit: "ms",
+        weft: exec_ms,
+        anchor: None,
+        target: None,
+    });
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", report.table())?;
+    let text = serde_json::to_string_pretty(&report.json(quick))?;
+    if let Some(parent) = json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&json, format!("{text}\n"))?;
+    writeln!(out, "JSON written to {}", json.display())?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
