@@ -29,6 +29,11 @@ use crate::{
     watch::{PeerFeed, STREAM_BUFFER, WatchMessage},
 };
 
+/// Page size of ListAllocations when the caller names none, and the most
+/// it may ask for: a listing never holds the whole table in memory.
+pub const DEFAULT_PAGE_SIZE: u32 = 1000;
+pub const MAX_PAGE_SIZE: u32 = 10_000;
+
 /// Most attachments one Gc call may list; a node runs far fewer pods.
 pub const MAX_GC_ATTACHMENTS: usize = 16_384;
 
@@ -555,6 +560,20 @@ impl Admin for Services {
                 } else {
                     Some(check_ipv4("address", &req.address)?)
                 },
+                after: if req.page_token.is_empty() {
+                    None
+                } else {
+                    Some(check_ipv4("page_token", &req.page_token)?)
+                },
+                limit: match req.page_size {
+                    0 => DEFAULT_PAGE_SIZE,
+                    n if n <= MAX_PAGE_SIZE => n,
+                    n => {
+                        return Err(Status::invalid_argument(format!(
+                            "invalid page_size: {n}, at most {MAX_PAGE_SIZE}"
+                        )));
+                    }
+                },
             };
             let allocations = self
                 .inner
@@ -562,8 +581,15 @@ impl Admin for Services {
                 .list_allocations(&filter)
                 .await
                 .map_err(status_from)?;
+            let next_page_token = match allocations.last() {
+                Some(last) if allocations.len() == filter.limit as usize => {
+                    last.address.to_string()
+                }
+                _ => String::new(),
+            };
             Ok(Response::new(pb::ListAllocationsResponse {
                 allocations: allocations.into_iter().map(allocation_pb).collect(),
+                next_page_token,
             }))
         }
         .await;

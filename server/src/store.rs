@@ -170,6 +170,10 @@ pub struct AllocationFilter {
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
     pub address: Option<Ipv4Addr>,
+    /// Only addresses after this one (paging).
+    pub after: Option<Ipv4Addr>,
+    /// At most this many rows.
+    pub limit: u32,
 }
 
 /// Whose audit trail to read.
@@ -775,12 +779,16 @@ impl Store {
                AND ($2::text IS NULL OR a.pod_namespace = $2)
                AND ($3::text IS NULL OR a.pod_name = $3)
                AND ($4::inet IS NULL OR a.address = $4)
-             ORDER BY a.address",
+               AND ($5::inet IS NULL OR a.address > $5)
+             ORDER BY a.address
+             LIMIT $6",
         )
         .bind(filter.node_name.as_deref())
         .bind(filter.pod_namespace.as_deref())
         .bind(filter.pod_name.as_deref())
         .bind(filter.address.map(IpAddr::V4))
+        .bind(filter.after.map(IpAddr::V4))
+        .bind(i64::from(filter.limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(allocation_from_row).collect()

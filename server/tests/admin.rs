@@ -392,3 +392,45 @@ async fn the_audit_log_is_append_only(pool: PgPool) {
     }
     assert_eq!(ts.audit_count("node_register").await, 1);
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn list_allocations_pages_through_everything_once(pool: PgPool) {
+    let ts = start(pool).await;
+    ts.register("node-a", 1).await;
+    for i in 0..7 {
+        ts.allocate("node-a", &format!("c{i}")).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ts
+            .admin()
+            .list_allocations(pb::ListAllocationsRequest {
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.allocations.len() <= 3);
+        seen.extend(page.allocations.into_iter().map(|a| a.address));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut sorted = seen.clone();
+    sorted.dedup();
+    assert_eq!(seen.len(), 7);
+    assert_eq!(sorted.len(), 7, "no address twice");
+    let err = ts
+        .admin()
+        .list_allocations(pb::ListAllocationsRequest {
+            page_size: 10_001,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -243,10 +243,12 @@ impl CniService {
                 }
             }
         }
-        self.pods
-            .delete_link(&host_ifname(&req.container_id, &req.ifname))
-            .await?;
-        match self.release(req).await {
+        // Unlinking waits for the kernel's RCU grace period; release the
+        // address meanwhile.
+        let host = host_ifname(&req.container_id, &req.ifname);
+        let (unlinked, released) = tokio::join!(self.pods.delete_link(&host), self.release(req));
+        unlinked?;
+        match released {
             Ok(released) => address = released.or(address),
             // The address stays allocated until GC; the pod is gone anyway.
             Err(status) => {
@@ -410,21 +412,18 @@ impl CniService {
 /// gets it does not inherit flows. Best-effort: `conntrack` exits 1 when
 /// nothing matched, and may not be installed.
 async fn flush_conntrack(ip: &str) {
-    for flag in ["-s", "-d"] {
-        match tokio::process::Command::new("conntrack")
+    let delete = |flag: &'static str| {
+        tokio::process::Command::new("conntrack")
             .args(["-D", flag, ip])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
-            .await
-        {
-            Ok(_) => {}
-            Err(e) => {
-                warn!(%ip, error = %e, "conntrack not available; flows of the released address are not flushed");
-                return;
-            }
-        }
+    };
+    // Flows from and to the address, flushed side by side.
+    let (from, to) = tokio::join!(delete("-s"), delete("-d"));
+    if let Err(e) = from.and(to) {
+        warn!(%ip, error = %e, "conntrack not available; flows of the released address are not flushed");
     }
 }
 

@@ -6,6 +6,7 @@
 use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -13,7 +14,7 @@ use futures::{TryStreamExt, future::BoxFuture};
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{LinkAttribute, LinkFlags, LinkMessage},
+    link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader},
 };
 use rtnetlink::{Handle, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -58,14 +59,6 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     )
 }
 
-/// Temporary name of the pod end until it is inside the pod namespace.
-fn temp_ifname(container_id: &str, ifname: &str) -> String {
-    format!(
-        "wtmp{:011x}",
-        fnv(&[ifname, container_id]) & 0xfff_ffff_ffff
-    )
-}
-
 fn mac_string(link: &LinkMessage) -> String {
     link.attributes
         .iter()
@@ -107,6 +100,20 @@ async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>
         Ok(link) => Ok(link),
         Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
         Err(e) => Err(datapath_err(format!("looking up {name}"))(e)),
+    }
+}
+
+/// Puts the veth's peer into the namespace `fd` refers to, with `mtu`.
+fn place_peer(msg: &mut LinkMessage, fd: std::os::fd::RawFd, mtu: u32) {
+    for attr in &mut msg.attributes {
+        if let LinkAttribute::LinkInfo(infos) = attr {
+            for info in infos {
+                if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))) = info {
+                    peer.attributes.push(LinkAttribute::NetNsFd(fd));
+                    peer.attributes.push(LinkAttribute::Mtu(mtu));
+                }
+            }
+        }
     }
 }
 
@@ -229,11 +236,9 @@ async fn inspect(handle: Handle, ifname: String) -> Result<PodSide, CniError> {
 /// Renames the moved peer, addresses it and routes through the gateway.
 async fn configure(
     handle: Handle,
-    temp: String,
     ifname: String,
     address: Ipv4Net,
     gateway: Ipv4Addr,
-    mtu: u32,
 ) -> Result<String, CniError> {
     if let Some(lo) = link_by_name(&handle, "lo").await? {
         handle
@@ -243,26 +248,13 @@ async fn configure(
             .await
             .map_err(datapath_err("bringing lo up in the pod"))?;
     }
-    let link = link_by_name(&handle, &temp).await?.ok_or_else(|| {
+    let link = link_by_name(&handle, &ifname).await?.ok_or_else(|| {
         CniError::new(
             Code::Datapath,
-            format!("{temp} did not arrive in the pod namespace"),
+            format!("{ifname} did not appear in the pod namespace"),
         )
     })?;
     let index = link.header.index;
-    handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(index)
-                .name(ifname.clone())
-                .mtu(mtu)
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(datapath_err(format!(
-            "renaming {temp} to {ifname} in the pod"
-        )))?;
     handle
         .address()
         .add(index, IpAddr::V4(address.addr()), address.prefix_len())
@@ -349,17 +341,28 @@ impl PodNetwork {
             self.delete_link(&host).await?;
         }
 
-        let temp = temp_ifname(&spec.container_id, &spec.ifname);
+        let netns = File::open(&spec.netns).map_err(|e| {
+            CniError::new(
+                Code::Netns,
+                format!("cannot open network namespace {}", spec.netns.display()),
+            )
+            .with_details(e.to_string())
+        })?;
+        let t = std::time::Instant::now();
+        // The pod end is created inside the pod's namespace under its final
+        // name: moving a device between namespaces waits for RCU grace
+        // periods (~15 ms here); creating it there does not.
+        let mut msg = LinkVeth::new(&host, &spec.ifname).mtu(spec.mtu).build();
+        place_peer(&mut msg, netns.as_raw_fd(), spec.mtu);
         self.handle
             .link()
-            .add(LinkVeth::new(&host, &temp).mtu(spec.mtu).build())
+            .add(msg)
             .execute()
             .await
-            .map_err(datapath_err(format!("creating veth {host}")))?;
-        match self
-            .finish_wiring(spec, &host, &temp, bridge.header.index)
-            .await
-        {
+            .map_err(datapath_err(format!("creating veth {host} into the pod")))?;
+        drop(netns);
+        debug!(elapsed_us = t.elapsed().as_micros() as u64, "veth created");
+        match self.finish_wiring(spec, &host, bridge.header.index).await {
             Ok(w) => Ok(w),
             Err(e) => {
                 // Deleting the host end takes the pod end with it, wherever it is.
@@ -375,41 +378,19 @@ impl PodNetwork {
         &self,
         spec: &PodSpec,
         host: &str,
-        temp: &str,
         bridge: u32,
     ) -> Result<Wired, CniError> {
-        let peer = link_by_name(&self.handle, temp)
-            .await?
-            .ok_or_else(|| CniError::new(Code::Datapath, format!("veth peer {temp} missing")))?;
-        let netns = File::open(&spec.netns).map_err(|e| {
-            CniError::new(
-                Code::Netns,
-                format!("cannot open network namespace {}", spec.netns.display()),
-            )
-            .with_details(e.to_string())
-        })?;
-        use std::os::fd::AsRawFd;
-        self.handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(peer.header.index)
-                    .setns_by_fd(netns.as_raw_fd())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(datapath_err("moving the veth into the pod namespace"))?;
-        let (temp_owned, ifname, address, gateway, mtu) = (
-            temp.to_owned(),
-            spec.ifname.clone(),
-            spec.address,
-            spec.gateway,
-            spec.mtu,
-        );
+        let t = std::time::Instant::now();
+        let (ifname, address, gateway) = (spec.ifname.clone(), spec.address, spec.gateway);
         let pod_mac = in_netns(&spec.netns, move |h| {
-            Box::pin(configure(h, temp_owned, ifname, address, gateway, mtu))
+            Box::pin(configure(h, ifname, address, gateway))
         })
         .await?;
+        debug!(
+            elapsed_us = t.elapsed().as_micros() as u64,
+            "pod side configured"
+        );
+        let t = std::time::Instant::now();
 
         let host_link = link_by_name(&self.handle, host)
             .await?
@@ -433,6 +414,10 @@ impl PodNetwork {
             .execute()
             .await
             .map_err(datapath_err(format!("enabling hairpin on {host}")))?;
+        debug!(
+            elapsed_us = t.elapsed().as_micros() as u64,
+            "host side attached"
+        );
         Ok(self.wired(spec, &host_link, pod_mac))
     }
 
@@ -527,6 +512,5 @@ mod tests {
         assert_ne!(a, host_ifname("abc124", "eth0"));
         // The separator keeps ("ab", "c") and ("a", "bc") apart.
         assert_ne!(host_ifname("ab", "c"), host_ifname("a", "bc"));
-        assert_ne!(temp_ifname("abc123", "eth0"), a);
     }
 }
