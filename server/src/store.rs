@@ -214,6 +214,20 @@ struct AllocationRow {
     allocated_at: DateTime<Utc>,
 }
 
+/// The node's lock row and, if any, the attachment's current allocation.
+#[derive(sqlx::FromRow)]
+struct AllocateContext {
+    block: IpNet,
+    last_offset: i32,
+    owner: Option<String>,
+    address: Option<IpAddr>,
+    pod_namespace: Option<String>,
+    pod_name: Option<String>,
+    pod_uid: Option<String>,
+    allocated_at: Option<DateTime<Utc>>,
+    owner_block: Option<IpNet>,
+}
+
 #[derive(sqlx::FromRow)]
 struct EventRow {
     revision: i64,
@@ -568,27 +582,54 @@ impl Store {
         actor: &str,
     ) -> Result<(AllocationRecord, bool)> {
         in_transaction!(self, "allocate", tx, async {
-            // The node row lock queues allocations of one node; the unique
-            // constraints below are what actually rule out duplicates.
-            let node_row: Option<(IpNet, i32)> =
-                sqlx::query_as("SELECT block, last_offset FROM nodes WHERE name = $1 FOR UPDATE")
-                    .bind(node.as_str())
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            let Some((block, last_offset)) = node_row else {
+            // One round trip: lock the node row (it queues allocations of
+            // one node; the unique constraints below are what actually rule
+            // out duplicates) and look for the attachment.
+            let row: Option<AllocateContext> = sqlx::query_as(
+                "SELECT n.block, n.last_offset,
+                        a.node_name AS owner, a.address, a.pod_namespace, a.pod_name, a.pod_uid,
+                        a.allocated_at, owner_node.block AS owner_block
+                 FROM nodes n
+                 LEFT JOIN allocations a ON a.container_id = $2 AND a.ifname = $3
+                 LEFT JOIN nodes owner_node ON owner_node.name = a.node_name
+                 WHERE n.name = $1
+                 FOR UPDATE OF n",
+            )
+            .bind(node.as_str())
+            .bind(attachment.container_id.as_str())
+            .bind(attachment.ifname.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some(row) = row else {
                 return Err(StoreError::UnknownNode(node.clone()));
             };
-            let block = to_block(block)?;
+            let block = to_block(row.block)?;
+            let last_offset = row.last_offset;
 
-            if let Some(existing) = find_attachment(tx, attachment).await? {
-                if existing.node_name != node.as_str() {
+            if let (Some(owner), Some(address), Some(owner_block), Some(allocated_at)) =
+                (row.owner, row.address, row.owner_block, row.allocated_at)
+            {
+                if owner != node.as_str() {
                     return Err(StoreError::AttachmentOnOtherNode {
                         container_id: attachment.container_id.clone(),
                         ifname: attachment.ifname.clone(),
-                        owner: existing.node_name,
+                        owner,
                         node: node.clone(),
                     });
                 }
+                let existing = AllocationRecord {
+                    node_name: owner,
+                    address: to_v4(address)?,
+                    block: to_block(owner_block)?,
+                    container_id: attachment.container_id.to_string(),
+                    ifname: attachment.ifname.to_string(),
+                    pod: PodRef {
+                        namespace: row.pod_namespace.unwrap_or_default(),
+                        name: row.pod_name.unwrap_or_default(),
+                        uid: row.pod_uid.unwrap_or_default(),
+                    },
+                    allocated_at,
+                };
                 return Ok((existing, false));
             }
 
@@ -619,11 +660,21 @@ impl Store {
             })?;
             let address = block.address(offset);
 
+            // The allocation, the cursor and the audit row in one statement.
             let allocated_at: DateTime<Utc> = sqlx::query_scalar(
-                "INSERT INTO allocations
-                    (address, node_name, container_id, ifname, pod_namespace, pod_name, pod_uid)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 RETURNING allocated_at",
+                "WITH ins AS (
+                    INSERT INTO allocations
+                        (address, node_name, container_id, ifname, pod_namespace, pod_name, pod_uid)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    RETURNING allocated_at
+                 ), cursor AS (
+                    UPDATE nodes SET last_offset = $8 WHERE name = $2
+                 ), audited AS (
+                    INSERT INTO audit_log
+                        (action, actor, node_name, address, container_id, ifname, pod_namespace, pod_name, pod_uid)
+                    VALUES ('allocate', $9, $2, $1, $3, $4, $5, $6, $7)
+                 )
+                 SELECT allocated_at FROM ins",
             )
             .bind(IpAddr::V4(address))
             .bind(node.as_str())
@@ -632,27 +683,9 @@ impl Store {
             .bind(&pod.namespace)
             .bind(&pod.name)
             .bind(&pod.uid)
-            .fetch_one(&mut **tx)
-            .await?;
-            sqlx::query("UPDATE nodes SET last_offset = $2 WHERE name = $1")
-                .bind(node.as_str())
-                .bind(i32::try_from(offset).map_err(|_| StoreError::Corrupt("offset".into()))?)
-                .execute(&mut **tx)
-                .await?;
-            sqlx::query(
-                "INSERT INTO audit_log
-                    (action, actor, node_name, address, container_id, ifname, pod_namespace, pod_name, pod_uid)
-                 VALUES ('allocate', $1, $2, $3, $4, $5, $6, $7, $8)",
-            )
+            .bind(i32::try_from(offset).map_err(|_| StoreError::Corrupt("offset".into()))?)
             .bind(actor)
-            .bind(node.as_str())
-            .bind(IpAddr::V4(address))
-            .bind(attachment.container_id.as_str())
-            .bind(attachment.ifname.as_str())
-            .bind(&pod.namespace)
-            .bind(&pod.name)
-            .bind(&pod.uid)
-            .execute(&mut **tx)
+            .fetch_one(&mut **tx)
             .await?;
             Ok((
                 AllocationRecord {
@@ -874,21 +907,6 @@ async fn audit_node(
         .execute(&mut **tx)
         .await?;
     Ok(())
-}
-
-async fn find_attachment(
-    tx: &mut Transaction<'static, Postgres>,
-    attachment: &Attachment,
-) -> Result<Option<AllocationRecord>> {
-    let row: Option<AllocationRow> = sqlx::query_as(
-        "SELECT a.*, n.block FROM allocations a JOIN nodes n ON n.name = a.node_name
-         WHERE a.container_id = $1 AND a.ifname = $2",
-    )
-    .bind(attachment.container_id.as_str())
-    .bind(attachment.ifname.as_str())
-    .fetch_optional(&mut **tx)
-    .await?;
-    row.map(allocation_from_row).transpose()
 }
 
 /// Deletes the node's allocations except `keep`, auditing each with `action`.
