@@ -373,3 +373,53 @@ fn pods_on_different_nodes_reach_each_other_without_nat() {
     let out = listener.wait_output();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), a_ip);
 }
+
+#[test]
+fn a_caller_that_is_not_root_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let c = one_node();
+    let sock = c.dir.join("node0.sock");
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&sock), 0o600, "the socket is root-only");
+    let as_nobody = |c: &Cluster| {
+        let exe = std::env::current_exe().unwrap();
+        let weft = exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .unwrap()
+            .join("weft");
+        let mut child = std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(weft)
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "sneaky")
+            .env("CNI_NETNS", "/var/run/netns/none")
+            .env("CNI_IFNAME", "eth0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(c.net_conf(0, "1.0.0").to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    // The file mode stops it first...
+    assert_eq!(as_nobody(&c)["code"], 11);
+    // ...and with the mode loosened, the agent checks the caller itself.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody(&c);
+    assert_eq!(out["code"], 104, "{out}");
+    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["0"]);
+}

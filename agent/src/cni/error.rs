@@ -25,6 +25,8 @@ pub enum Code {
     Netns = 102,
     /// CHECK found the pod's network differing from prevResult.
     Drift = 103,
+    /// The caller on the agent socket is not root.
+    NotPermitted = 104,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -430,6 +430,25 @@ async fn flush_conntrack(ip: &str) {
 #[tonic::async_trait]
 impl Cni for CniService {
     async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        // The socket is root-only (0600); the kernel-reported credentials
+        // are checked too, so a loosened mode does not open the datapath.
+        let caller = request
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .map(|cred| cred.uid());
+        if caller != Some(0) {
+            warn!(?caller, "refusing a CNI request from a non-root caller");
+            let version = request::config_version(&request.get_ref().stdin)
+                .filter(|v| request::SUPPORTED_VERSIONS.contains(&v.as_str()))
+                .unwrap_or_else(|| "1.1.0".to_owned());
+            let e = CniError::new(Code::NotPermitted, "only root may call weft-agent")
+                .with_details(format!("caller uid {caller:?}"));
+            return Ok(Response::new(ExecResponse {
+                stdout: e.render(&version).into_bytes(),
+                exit_code: 1,
+            }));
+        }
         let req = request.into_inner();
         let outcome = self.handle(&req.env, &req.stdin).await;
         let reply = match outcome {
