@@ -37,7 +37,7 @@ use crate::{
     peers::{Entry, MacAddr},
 };
 
-const ENODEV: i32 = 19;
+pub(crate) const ENODEV: i32 = 19;
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const EEXIST: i32 = 17;
@@ -53,7 +53,7 @@ pub struct NetlinkDatapath {
     vxlan: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
         _ => None,
@@ -67,7 +67,7 @@ fn link_name(link: &LinkMessage) -> Option<&str> {
     })
 }
 
-fn link_mtu(link: &LinkMessage) -> Option<u32> {
+pub(crate) fn link_mtu(link: &LinkMessage) -> Option<u32> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
@@ -230,6 +230,23 @@ impl NetlinkDatapath {
                 .map_err(DatapathError::netlink(format!("adding {want} to {name}")))?;
         }
         Ok(())
+    }
+
+    /// Sets the MAC address, only if it differs.
+    async fn ensure_mac(&self, link: &LinkMessage, name: &str, mac: MacAddr) -> Result<()> {
+        if link_mac(link) == Some(mac) {
+            return Ok(());
+        }
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(link.header.index)
+                    .address(mac.0.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(DatapathError::netlink(format!("setting the MAC of {name}")))
     }
 
     /// Sets MTU and up, only where they differ.
@@ -460,20 +477,7 @@ impl Datapath for NetlinkDatapath {
                 })?
             }
         };
-        if link_mac(&link) != Some(spec.mac) {
-            self.handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(link.header.index)
-                        .address(spec.mac.0.to_vec())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(DatapathError::netlink(format!(
-                    "setting the MAC of {VXLAN_NAME}"
-                )))?;
-        }
+        self.ensure_mac(&link, VXLAN_NAME, spec.mac).await?;
         self.ensure_mtu_up(&link, VXLAN_NAME, spec.mtu).await?;
         let address =
             Ipv4Net::new(spec.address, 32).map_err(|e| DatapathError::Other(e.to_string()))?;
@@ -502,20 +506,7 @@ impl Datapath for NetlinkDatapath {
                 })?
             }
         };
-        if link_mac(&link) != Some(spec.mac) {
-            self.handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(link.header.index)
-                        .address(spec.mac.0.to_vec())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(DatapathError::netlink(format!(
-                    "setting the MAC of {BRIDGE_NAME}"
-                )))?;
-        }
+        self.ensure_mac(&link, BRIDGE_NAME, spec.mac).await?;
         self.ensure_mtu_up(&link, BRIDGE_NAME, spec.mtu).await?;
         self.ensure_only_address(link.header.index, BRIDGE_NAME, spec.gateway)
             .await

@@ -23,19 +23,17 @@ use crate::{
     report::{Figure, Report, Target},
 };
 
-/// Execs a CNI plugin in `node_ns` as a runtime would; its stdout.
-pub fn exec(
-    node_ns: &str,
-    plugin: &Path,
+/// Runs `cmd` as a CNI plugin invocation: the CNI environment, `conf` on
+/// stdin; its stdout, or an error naming the failure.
+fn invoke(
+    mut cmd: Command,
     cni_path: &Path,
     conf: &str,
     command: &str,
     id: &str,
     netns: &str,
 ) -> anyhow::Result<Vec<u8>> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", node_ns])
-        .arg(plugin)
+    let mut child = cmd
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", id)
         .env("CNI_NETNS", netns)
@@ -63,6 +61,21 @@ pub fn exec(
         );
     }
     Ok(out.stdout)
+}
+
+/// Execs a CNI plugin in `node_ns` as a runtime would; its stdout.
+pub fn exec(
+    node_ns: &str,
+    plugin: &Path,
+    cni_path: &Path,
+    conf: &str,
+    command: &str,
+    id: &str,
+    netns: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", node_ns]).arg(plugin);
+    invoke(cmd, cni_path, conf, command, id, netns)
 }
 
 /// `weft-bench cni-driver`: runs inside the node namespace. ADDs every pod
@@ -121,32 +134,17 @@ fn run_plugin(
     command: &str,
     pod: &str,
 ) -> anyhow::Result<()> {
-    let mut child = Command::new(plugin)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", pod)
-        .env("CNI_NETNS", format!("/var/run/netns/{pod}"))
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod}"),
-        )
-        .env("CNI_PATH", cni_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(conf.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{command} {pod}: {}", String::from_utf8_lossy(&out.stdout));
-    }
-    Ok(())
+    let mut cmd = Command::new(plugin);
+    cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    invoke(
+        cmd,
+        Path::new(cni_path),
+        conf,
+        command,
+        pod,
+        &format!("/var/run/netns/{pod}"),
+    )
+    .map(drop)
 }
 
 struct Run {

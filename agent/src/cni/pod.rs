@@ -25,16 +25,10 @@ use super::{
     error::{CniError, Code},
     result::{Interface, Wired},
 };
-use crate::datapath::BRIDGE_NAME;
-
-const ENODEV: i32 = 19;
-
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-        _ => None,
-    }
-}
+use crate::{
+    datapath::BRIDGE_NAME,
+    netlink::{ENODEV, errno, link_mtu},
+};
 
 fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> CniError {
     let op = op.into();
@@ -72,13 +66,6 @@ fn mac_string(link: &LinkMessage) -> String {
             _ => None,
         })
         .unwrap_or_default()
-}
-
-fn link_mtu(link: &LinkMessage) -> Option<u32> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Mtu(m) => Some(*m),
-        _ => None,
-    })
 }
 
 fn link_controller(link: &LinkMessage) -> Option<u32> {
