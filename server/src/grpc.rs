@@ -50,6 +50,35 @@ struct Shared {
     metrics: Metrics,
     vni: u32,
     mtu_hint: u32,
+    /// Open watch streams per node name.
+    streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// Watch streams one node may hold at once: an agent needs one; a few more
+/// cover reconnects racing the old stream's teardown.
+pub const MAX_STREAMS_PER_NODE: usize = 4;
+
+/// Counts a node's open stream; the count drops when the stream ends.
+#[derive(Debug)]
+struct StreamSlot {
+    shared: Arc<Shared>,
+    node: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self
+            .shared
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = streams.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.node);
+            }
+        }
+    }
 }
 
 impl Services {
@@ -61,6 +90,7 @@ impl Services {
                 metrics,
                 vni,
                 mtu_hint,
+                streams: Default::default(),
             }),
         }
     }
@@ -293,6 +323,21 @@ impl Topology for Services {
     ) -> Result<Response<Self::WatchPeersStream>, Status> {
         let req = request.into_inner();
         let node: NodeName = check("node_name", &req.node_name)?;
+        let slot = {
+            let mut streams = self.inner.streams.lock().unwrap_or_else(|p| p.into_inner());
+            let open = streams.entry(node.to_string()).or_default();
+            if *open >= MAX_STREAMS_PER_NODE {
+                warn!(%node, open = *open, "too many watch streams");
+                return Err(Status::resource_exhausted(format!(
+                    "node {node} already holds {MAX_STREAMS_PER_NODE} watch streams"
+                )));
+            }
+            *open += 1;
+            StreamSlot {
+                shared: self.inner.clone(),
+                node: node.to_string(),
+            }
+        };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let feed = self.inner.feed.clone();
         let store = self.inner.store.clone();
@@ -303,6 +348,7 @@ impl Topology for Services {
             feed.serve_watcher(store, node.to_string(), req.since_revision, tx)
                 .await;
             watchers.dec();
+            drop(slot);
             info!(%node, "watcher gone");
         });
         let stream = ReceiverStream::new(rx).map(|m| m.map(watch_pb).map_err(status_from));

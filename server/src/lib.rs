@@ -40,6 +40,8 @@ use crate::{
 
 /// How long in-flight requests may take to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest any request handler may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request the server decodes; Gc with thousands of attachments fits.
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
@@ -103,6 +105,9 @@ impl RunningServer {
         // RPCs wait ~40 ms on delayed ACKs.
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
         let router = GrpcServer::builder()
+            // Bounds every handler; a watch handler returns its stream at
+            // once, so streams are not cut by it.
+            .timeout(RPC_TIMEOUT)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

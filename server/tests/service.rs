@@ -298,3 +298,66 @@ fn help_documents_every_flag() {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_node_may_hold_only_a_few_watch_streams(pool: PgPool) {
+    let ts = start(pool).await;
+    let mut open = Vec::new();
+    for _ in 0..weft_server::grpc::MAX_STREAMS_PER_NODE {
+        let mut w = watch(&ts, "node-x", 0).await;
+        next_event(&mut w).await;
+        open.push(w);
+    }
+    let err = ts
+        .topology()
+        .watch_peers(weft_proto::v1::WatchPeersRequest {
+            node_name: "node-x".into(),
+            since_revision: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    // Another node is not affected, and a closed stream frees its slot.
+    let mut other = watch(&ts, "node-y", 0).await;
+    next_event(&mut other).await;
+    drop(open.pop());
+    let mut reopened = None;
+    for _ in 0..100 {
+        match ts
+            .topology()
+            .watch_peers(weft_proto::v1::WatchPeersRequest {
+                node_name: "node-x".into(),
+                since_revision: 0,
+            })
+            .await
+        {
+            Ok(r) => {
+                reopened = Some(r.into_inner());
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    next_event(
+        reopened
+            .as_mut()
+            .expect("slot freed after the stream closed"),
+    )
+    .await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_oversized_request_is_rejected_and_the_server_keeps_serving(pool: PgPool) {
+    let ts = start(pool).await;
+    ts.register("node-a", 1).await;
+    let mut req = allocate_req("node-a", "c1", "eth0");
+    req.pod_name = "x".repeat(5 << 20);
+    let err = ts.ipam().allocate(req).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations")
+        .fetch_one(&ts.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    ts.allocate("node-a", "c2").await.unwrap();
+}
