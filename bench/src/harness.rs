@@ -37,10 +37,13 @@ pub fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<Output> {
 pub struct Netns(pub String);
 
 impl Netns {
+    /// `name` plus this process's id, so a run never trips over what a
+    /// killed earlier run left behind.
     pub fn new(name: &str) -> anyhow::Result<Self> {
-        sh(&["ip", "netns", "add", name])?;
-        let ns = Self(name.to_owned());
-        in_ns(name, &["ip", "link", "set", "lo", "up"])?;
+        let name = format!("{name}-{}", std::process::id());
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Self(name);
+        in_ns(&ns.0, &["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
