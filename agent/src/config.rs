@@ -69,6 +69,33 @@ pub struct Cli {
     /// node or the network (for manifests and CI).
     #[arg(long)]
     pub check_config: bool,
+
+    /// CA certificate (PEM) that signed weft-server's certificate; with
+    /// --tls-cert and --tls-key, turns on mutual TLS (https:// servers).
+    #[arg(long, env = "WEFT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// This node's client certificate (PEM), CN = the node name.
+    #[arg(long, env = "WEFT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "WEFT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Name to verify the server certificate against, when the URL holds an
+    /// address the certificate does not name (a Service's ClusterIP).
+    #[arg(long, env = "WEFT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+/// Files for mutual TLS toward the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +119,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log: String,
     pub check_only: bool,
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +246,39 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cli.log) {
             errors.0.push(format!("--log/WEFT_LOG: {e}"));
         }
+        let tls = match (
+            cli.tls_ca.clone(),
+            cli.tls_cert.clone(),
+            cli.tls_key.clone(),
+        ) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                ca,
+                cert,
+                key,
+                server_name: cli.tls_server_name.clone(),
+            }),
+            (None, None, None) => None,
+            _ => {
+                errors
+                    .0
+                    .push("--tls-ca, --tls-cert and --tls-key go together: set all three".into());
+                None
+            }
+        };
+        if let Some(servers) = &server {
+            let https = servers
+                .iter()
+                .filter(|u| u.scheme_str() == Some("https"))
+                .count();
+            if tls.is_some() && https != servers.len() {
+                errors.0.push(
+                    "--server/WEFT_SERVER: with --tls-* every server URL must be https://".into(),
+                );
+            }
+            if tls.is_none() && https > 0 {
+                errors.0.push("--server/WEFT_SERVER: an https:// server needs --tls-ca, --tls-cert and --tls-key".into());
+            }
+        }
         match (server, node_name, metrics_listen, heartbeat_seconds) {
             (Some(server), Some(node_name), Some(metrics_listen), Some(heartbeat_seconds))
                 if errors.0.is_empty() =>
@@ -235,6 +296,7 @@ impl Config {
                     log_format: cli.log_format,
                     log: cli.log,
                     check_only: cli.check_config,
+                    tls,
                 })
             }
             _ => Err(ConfigErrors(errors.0)),

@@ -103,6 +103,33 @@ async fn server_channel(config: &Config) -> anyhow::Result<Channel> {
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
     };
+    let tls = match &config.tls {
+        Some(files) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            {
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read(&files.ca)?))
+                    .identity(tonic::transport::Identity::from_pem(
+                        read(&files.cert)?,
+                        read(&files.key)?,
+                    ));
+                Some(match &files.server_name {
+                    Some(name) => tls.domain_name(name.clone()),
+                    None => tls,
+                })
+            }
+        }
+        None => None,
+    };
+    let endpoint = |uri: tonic::transport::Uri| -> anyhow::Result<Endpoint> {
+        let e = endpoint(uri);
+        Ok(match &tls {
+            Some(tls) => e.tls_config(tls.clone())?,
+            None => e,
+        })
+    };
     let mut endpoints = Vec::new();
     for uri in &config.servers {
         let host = uri
@@ -122,10 +149,10 @@ async fn server_channel(config: &Config) -> anyhow::Result<Channel> {
         if addrs.len() > 1 {
             for addr in addrs {
                 let scheme = uri.scheme_str().unwrap_or("http");
-                endpoints.push(endpoint(format!("{scheme}://{addr}").parse()?));
+                endpoints.push(endpoint(format!("{scheme}://{addr}").parse()?)?);
             }
         } else {
-            endpoints.push(endpoint(uri.clone()));
+            endpoints.push(endpoint(uri.clone())?);
         }
     }
     match endpoints.len() {

@@ -279,7 +279,11 @@ fn deleting_a_node_withdraws_its_routes_and_releases_its_pods() {
     ));
     assert_eq!(
         audit,
-        ["allocate node/node3", "release admin", "node_delete admin"]
+        [
+            "allocate node/node3",
+            "release admin/admin",
+            "node_delete admin/admin"
+        ]
     );
 }
 

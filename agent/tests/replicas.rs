@@ -37,17 +37,15 @@ fn register_via(c: &Cluster, server: &str, name: &str, n: u8) {
     let body = format!(
         r#"{{"node_name":"{name}","underlay_ip":"203.0.113.{n}","vtep_mac":"02:00:00:00:01:{n:02x}"}}"#
     );
-    in_ns(
-        &ns,
-        &[
-            "grpcurl",
-            "-plaintext",
-            "-d",
-            &body,
-            &format!("{server}:7400"),
-            "weft.v1.Topology/RegisterNode",
-        ],
-    );
+    let mut args = vec!["grpcurl".to_owned()];
+    args.extend(c.grpcurl_auth(name));
+    args.extend([
+        "-d".to_owned(),
+        body,
+        format!("{server}:7400"),
+        "weft.v1.Topology/RegisterNode".to_owned(),
+    ]);
+    in_ns(&ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 fn control_ns(c: &Cluster, server: &str) -> String {
@@ -60,16 +58,17 @@ fn control_ns(c: &Cluster, server: &str) -> String {
 
 fn delete_via(c: &Cluster, server: &str, name: &str) {
     let body = format!(r#"{{"name":"{name}"}}"#);
+    let mut args = vec!["grpcurl".to_owned()];
+    args.extend(c.grpcurl_auth("admin"));
+    args.extend([
+        "-d".to_owned(),
+        body,
+        format!("{server}:7400"),
+        "weft.v1.Admin/DeleteNode".to_owned(),
+    ]);
     in_ns(
         &control_ns(c, server),
-        &[
-            "grpcurl",
-            "-plaintext",
-            "-d",
-            &body,
-            &format!("{server}:7400"),
-            "weft.v1.Admin/DeleteNode",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
 }
 

@@ -37,6 +37,7 @@ async fn server(url: &str, layout: ClusterLayout) -> anyhow::Result<(RunningServ
         mtu_hint: 0,
         topology_history: 10_000,
         feed_capacity: 4096,
+        tls: None,
     };
     let s = RunningServer::start(
         settings,
@@ -350,6 +351,7 @@ pub async fn server_footprint(
                 "24",
                 "--log",
                 "warn",
+                "--insecure-plaintext",
             ])
             .env("DATABASE_URL", url),
         &env.dir.join("footprint-server.log"),

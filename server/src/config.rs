@@ -89,14 +89,60 @@ pub struct Cli {
     /// anything (for manifests and CI).
     #[arg(long, global = true)]
     pub check_config: bool,
+
+    /// Server certificate (PEM) for mutual TLS.
+    #[arg(long, env = "WEFT_TLS_CERT", global = true)]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "WEFT_TLS_KEY", global = true)]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// CA certificate (PEM) that signs node, admin and viewer certificates.
+    #[arg(long, env = "WEFT_TLS_CLIENT_CA", global = true)]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Serve plaintext without authenticating anyone (local development
+    /// only; logged as a warning).
+    #[arg(long, env = "WEFT_INSECURE_PLAINTEXT", global = true)]
+    pub insecure_plaintext: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+/// Files for mutual TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Serve gRPC and metrics (the default).
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Write a CA and certificates for mutual TLS into a directory.
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct CertsArgs {
+    /// Directory to write ca.pem, server.pem, node-NAME.pem, admin-NAME.pem ...
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Names and addresses the server certificate answers to (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub server_san: Vec<String>,
+    /// Node names to issue node certificates for (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Admin certificates to issue.
+    #[arg(long, value_delimiter = ',', default_value = "admin")]
+    pub admins: Vec<String>,
+    /// Read-only certificates to issue.
+    #[arg(long, value_delimiter = ',')]
+    pub viewers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +165,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log: String,
     pub check_only: bool,
+    /// `None` only with --insecure-plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Every problem found in the settings.
@@ -193,6 +241,40 @@ impl Config {
             ),
             _ => None,
         };
+        let tls = match (
+            cli.tls_cert.clone(),
+            cli.tls_key.clone(),
+            cli.tls_client_ca.clone(),
+            cli.insecure_plaintext,
+        ) {
+            (Some(cert), Some(key), Some(client_ca), false) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None, true) => None,
+            (_, _, _, true) => {
+                errors
+                    .0
+                    .push("--insecure-plaintext: cannot be combined with --tls-* flags".into());
+                None
+            }
+            // Migrating serves nothing.
+            (None, None, None, false) if cli.command == Some(Command::Migrate) => None,
+            (None, None, None, false) => {
+                errors.0.push(
+                    "--tls-cert, --tls-key and --tls-client-ca are required (or --insecure-plaintext for local development)"
+                        .into(),
+                );
+                None
+            }
+            _ => {
+                errors.0.push(
+                    "--tls-cert, --tls-key and --tls-client-ca go together: set all three".into(),
+                );
+                None
+            }
+        };
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cli.log) {
             errors.0.push(format!("--log/WEFT_LOG: {e}"));
         }
@@ -215,7 +297,7 @@ impl Config {
                 Some(mtu_hint),
                 Some(topology_history),
             ) if errors.0.is_empty() => Ok(Self {
-                command: cli.command.unwrap_or(Command::Serve),
+                command: cli.command.clone().unwrap_or(Command::Serve),
                 listen,
                 database_url,
                 layout,
@@ -226,6 +308,7 @@ impl Config {
                 log_format: cli.log_format,
                 log: cli.log,
                 check_only: cli.check_config,
+                tls,
             }),
             _ => Err(ConfigErrors(errors.0)),
         }
@@ -267,7 +350,12 @@ mod tests {
 
     #[test]
     fn defaults_match_the_design() {
-        let c = Config::from_cli(cli(&["--database-url", "postgres://weft@db/weft"])).unwrap();
+        let c = Config::from_cli(cli(&[
+            "--database-url",
+            "postgres://weft@db/weft",
+            "--insecure-plaintext",
+        ]))
+        .unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:7400");
         assert_eq!(c.metrics_listen.to_string(), "0.0.0.0:7401");
         assert_eq!(c.layout.cidr().to_string(), "10.244.0.0/16");
@@ -310,7 +398,46 @@ mod tests {
         ] {
             assert!(text.contains(flag), "{flag} missing from:\n{text}");
         }
-        assert_eq!(err.0.len(), 8, "{text}");
+        assert_eq!(err.0.len(), 9, "{text}");
+        assert!(text.contains("--tls-cert"), "{text}");
+    }
+
+    #[test]
+    fn serving_needs_tls_or_an_explicit_plaintext_flag() {
+        let url = ["--database-url", "postgres://x/y"];
+        let err = Config::from_cli(cli(&url)).unwrap_err();
+        assert!(err.to_string().contains("--insecure-plaintext"), "{err}");
+        let partial = Config::from_cli(cli(&[url[0], url[1], "--tls-cert", "/c.pem"])).unwrap_err();
+        assert!(partial.to_string().contains("go together"), "{partial}");
+        let both = Config::from_cli(cli(&[
+            url[0],
+            url[1],
+            "--tls-cert",
+            "/c",
+            "--tls-key",
+            "/k",
+            "--tls-client-ca",
+            "/ca",
+            "--insecure-plaintext",
+        ]))
+        .unwrap_err();
+        assert!(both.to_string().contains("cannot be combined"), "{both}");
+        let tls = Config::from_cli(cli(&[
+            url[0],
+            url[1],
+            "--tls-cert",
+            "/c",
+            "--tls-key",
+            "/k",
+            "--tls-client-ca",
+            "/ca",
+        ]))
+        .unwrap();
+        assert_eq!(tls.tls.map(|t| t.client_ca), Some("/ca".into()));
+        assert!(
+            Config::from_cli(cli(&["migrate", url[0], url[1]])).is_ok(),
+            "migrate serves nothing"
+        );
     }
 
     #[test]

@@ -52,6 +52,8 @@ struct Shared {
     mtu_hint: u32,
     /// Open watch streams per node name.
     streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Whether callers present client certificates (mutual TLS).
+    tls: bool,
 }
 
 /// Watch streams one node may hold at once: an agent needs one; a few more
@@ -82,7 +84,14 @@ impl Drop for StreamSlot {
 }
 
 impl Services {
-    pub fn new(store: Store, feed: PeerFeed, metrics: Metrics, vni: u32, mtu_hint: u32) -> Self {
+    pub fn new(
+        store: Store,
+        feed: PeerFeed,
+        metrics: Metrics,
+        vni: u32,
+        mtu_hint: u32,
+        tls: bool,
+    ) -> Self {
         Self {
             inner: Arc::new(Shared {
                 store,
@@ -91,6 +100,7 @@ impl Services {
                 vni,
                 mtu_hint,
                 streams: Default::default(),
+                tls,
             }),
         }
     }
@@ -267,13 +277,88 @@ fn watch_pb(m: WatchMessage) -> pb::PeerEvent {
     }
 }
 
-/// Who did it, for the audit log. Until mTLS identities exist, node RPCs
-/// are attributed to the node they name and admin RPCs to "admin".
-fn node_actor(node: &NodeName) -> String {
-    format!("node/{node}")
+/// Who is calling, from the client certificate (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The server runs without TLS (`--insecure-plaintext`): nobody is
+    /// authenticated, and node RPCs are attributed to the node they name.
+    Plaintext,
+    Node(String),
+    Admin(String),
+    Viewer(String),
 }
 
-const ADMIN_ACTOR: &str = "admin";
+impl Caller {
+    fn actor(&self) -> String {
+        match self {
+            Caller::Plaintext => "unauthenticated".into(),
+            Caller::Node(n) => format!("node/{n}"),
+            Caller::Admin(n) => format!("admin/{n}"),
+            Caller::Viewer(n) => format!("viewer/{n}"),
+        }
+    }
+}
+
+impl Services {
+    /// The caller's identity; with TLS on, a client certificate is required.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        if !self.inner.tls {
+            return Ok(Caller::Plaintext);
+        }
+        let certs = request
+            .peer_certs()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let (org, name) = crate::pki::subject_of(certs[0].as_ref())
+            .ok_or_else(|| Status::unauthenticated("the client certificate has no O and CN"))?;
+        match org.as_str() {
+            "weft-node" => Ok(Caller::Node(name)),
+            "weft-admin" => Ok(Caller::Admin(name)),
+            "weft-viewer" => Ok(Caller::Viewer(name)),
+            other => Err(Status::permission_denied(format!(
+                "certificate role {other:?} may not call Weft"
+            ))),
+        }
+    }
+
+    /// A node may act only for itself; returns the audit actor.
+    async fn authorize_node(
+        &self,
+        caller: &Caller,
+        node: &NodeName,
+        method: &str,
+    ) -> Result<String, Status> {
+        match caller {
+            Caller::Plaintext => Ok(format!("node/{node}")),
+            Caller::Node(name) if name == node.as_str() => Ok(caller.actor()),
+            _ => Err(self.deny(caller, node.as_str(), method).await),
+        }
+    }
+
+    /// Admin RPCs: admins do anything, viewers only read.
+    async fn authorize_admin(
+        &self,
+        caller: &Caller,
+        write: bool,
+        method: &str,
+    ) -> Result<String, Status> {
+        match caller {
+            Caller::Plaintext => Ok("admin".into()),
+            Caller::Admin(_) => Ok(caller.actor()),
+            Caller::Viewer(_) if !write => Ok(caller.actor()),
+            _ => Err(self.deny(caller, "", method).await),
+        }
+    }
+
+    async fn deny(&self, caller: &Caller, node: &str, method: &str) -> Status {
+        let actor = caller.actor();
+        warn!(%actor, node, method, "permission denied");
+        if let Err(e) = self.inner.store.audit_denied(&actor, node, method).await {
+            warn!(error = %e, "recording a denied call");
+        }
+        Status::permission_denied(format!("{actor} may not call {method} for {node:?}"))
+    }
+}
 
 // === impl Topology ===
 
@@ -288,13 +373,15 @@ impl Topology for Services {
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
             let req = request.into_inner();
             let node: NodeName = check("node_name", &req.node_name)?;
             let underlay: UnderlayIp = check("underlay_ip", &req.underlay_ip)?;
             let mac: MacAddr = check("vtep_mac", &req.vtep_mac)?;
+            let actor = self.authorize_node(&caller, &node, "RegisterNode").await?;
             let store = &self.inner.store;
             let reg = store
-                .register_node(&node, underlay, mac, &node_actor(&node))
+                .register_node(&node, underlay, mac, &actor)
                 .await
                 .map_err(status_from)?;
             if reg.changed {
@@ -321,8 +408,10 @@ impl Topology for Services {
         &self,
         request: Request<pb::WatchPeersRequest>,
     ) -> Result<Response<Self::WatchPeersStream>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let node: NodeName = check("node_name", &req.node_name)?;
+        self.authorize_node(&caller, &node, "WatchPeers").await?;
         let slot = {
             let mut streams = self.inner.streams.lock().unwrap_or_else(|p| p.into_inner());
             let open = streams.entry(node.to_string()).or_default();
@@ -361,7 +450,9 @@ impl Topology for Services {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
             let node: NodeName = check("node_name", &request.get_ref().node_name)?;
+            self.authorize_node(&caller, &node, "Heartbeat").await?;
             self.inner
                 .store
                 .heartbeat(&node)
@@ -385,8 +476,10 @@ impl Ipam for Services {
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
             let req = request.into_inner();
             let node: NodeName = check("node_name", &req.node_name)?;
+            let actor = self.authorize_node(&caller, &node, "Allocate").await?;
             let attachment = check_attachment(&req.container_id, &req.ifname)?;
             let pod = PodRef {
                 namespace: check_text("pod_namespace", &req.pod_namespace)?,
@@ -396,7 +489,7 @@ impl Ipam for Services {
             let (record, created) = self
                 .inner
                 .store
-                .allocate(&node, &attachment, &pod, &node_actor(&node))
+                .allocate(&node, &attachment, &pod, &actor)
                 .await
                 .map_err(status_from)?;
             if created {
@@ -424,13 +517,15 @@ impl Ipam for Services {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
             let req = request.into_inner();
             let node: NodeName = check("node_name", &req.node_name)?;
+            let actor = self.authorize_node(&caller, &node, "Release").await?;
             let attachment = check_attachment(&req.container_id, &req.ifname)?;
             let released = self
                 .inner
                 .store
-                .release(&node, &attachment, &node_actor(&node))
+                .release(&node, &attachment, &actor)
                 .await
                 .map_err(status_from)?;
             let address = match released {
@@ -454,8 +549,10 @@ impl Ipam for Services {
     ) -> Result<Response<pb::GcResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
             let req = request.into_inner();
             let node: NodeName = check("node_name", &req.node_name)?;
+            let actor = self.authorize_node(&caller, &node, "Gc").await?;
             if req.valid.len() > MAX_GC_ATTACHMENTS {
                 return Err(Status::invalid_argument(format!(
                     "invalid valid: {} attachments, at most {MAX_GC_ATTACHMENTS} allowed",
@@ -470,7 +567,7 @@ impl Ipam for Services {
             let released = self
                 .inner
                 .store
-                .gc(&node, &valid, &node_actor(&node))
+                .gc(&node, &valid, &actor)
                 .await
                 .map_err(status_from)?;
             self.inner
@@ -492,10 +589,15 @@ impl Ipam for Services {
         request: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::Allocation>, Status> {
         let start = Instant::now();
-        let result = self
-            .lookup_inner(request.into_inner())
-            .await
-            .map(Response::new);
+        let result = async {
+            let caller = self.caller(&request)?;
+            let node: NodeName = check("node_name", &request.get_ref().node_name)?;
+            self.authorize_node(&caller, &node, "Lookup").await?;
+            self.lookup_inner(request.into_inner())
+                .await
+                .map(Response::new)
+        }
+        .await;
         self.finish("Lookup", start, result)
     }
 }
@@ -525,20 +627,18 @@ impl Services {
 impl Admin for Services {
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let start = Instant::now();
-        let result = self
-            .inner
-            .store
-            .list_nodes()
-            .await
-            .map_err(status_from)
-            .map(|nodes| {
-                Response::new(pb::ListNodesResponse {
-                    nodes: nodes.into_iter().map(node_pb).collect(),
-                })
-            });
+        let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "ListNodes").await?;
+            let nodes = self.inner.store.list_nodes().await.map_err(status_from)?;
+            Ok(Response::new(pb::ListNodesResponse {
+                nodes: nodes.into_iter().map(node_pb).collect(),
+            }))
+        }
+        .await;
         self.finish("ListNodes", start, result)
     }
 
@@ -548,6 +648,8 @@ impl Admin for Services {
     ) -> Result<Response<pb::Node>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "GetNode").await?;
             let name: NodeName = check("name", &request.get_ref().name)?;
             let node = self
                 .inner
@@ -568,11 +670,13 @@ impl Admin for Services {
     ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
+            let actor = self.authorize_admin(&caller, true, "DeleteNode").await?;
             let name: NodeName = check("name", &request.get_ref().name)?;
             let (revision, released) = self
                 .inner
                 .store
-                .delete_node(&name, ADMIN_ACTOR)
+                .delete_node(&name, &actor)
                 .await
                 .map_err(status_from)?;
             self.inner.feed.poke();
@@ -594,6 +698,9 @@ impl Admin for Services {
     ) -> Result<Response<pb::ListAllocationsResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "ListAllocations")
+                .await?;
             let req = request.into_inner();
             let filter = AllocationFilter {
                 node_name: check_optional::<NodeName>("node_name", &req.node_name)?
@@ -648,6 +755,8 @@ impl Admin for Services {
     ) -> Result<Response<pb::HistoryResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "History").await?;
             let req = request.into_inner();
             let key = match (req.address.is_empty(), req.container_id.is_empty()) {
                 (false, true) => HistoryKey::Address(check_ipv4("address", &req.address)?),
@@ -669,10 +778,12 @@ impl Admin for Services {
 
     async fn utilization(
         &self,
-        _request: Request<pb::UtilizationRequest>,
+        request: Request<pb::UtilizationRequest>,
     ) -> Result<Response<pb::UtilizationResponse>, Status> {
         let start = Instant::now();
         let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "Utilization").await?;
             let store = &self.inner.store;
             let rows = store.utilization().await.map_err(status_from)?;
             let layout = store.layout();

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod grpc;
 pub mod ipam;
 pub mod metrics;
+pub mod pki;
 pub mod store;
 pub mod telemetry;
 pub mod watch;
@@ -55,6 +56,17 @@ pub struct ServerSettings {
     /// Changes buffered for all watchers; one that falls further behind
     /// is resynced with a snapshot.
     pub feed_capacity: usize,
+    /// Mutual TLS; `None` serves plaintext without authentication.
+    pub tls: Option<TlsMaterial>,
+}
+
+/// PEM contents for mutual TLS.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    pub cert: String,
+    pub key: String,
+    /// CA that signs the clients' certificates.
+    pub client_ca: String,
 }
 
 /// A running server: gRPC plus metrics, stopped by [`RunningServer::shutdown`].
@@ -84,18 +96,30 @@ impl RunningServer {
             metrics.clone(),
             settings.vni,
             settings.mtu_hint,
+            settings.tls.is_some(),
         );
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&health_reporter, ServingStatus::Serving).await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        // The descriptor set also holds the agent's API; list only what
+        // this server serves.
+        let reflection = || {
+            [
+                "weft.v1.Topology",
+                "weft.v1.Ipam",
+                "weft.v1.Admin",
+                "grpc.health.v1.Health",
+            ]
+            .into_iter()
+            .fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |b, name| b.with_service_name(name),
+            )
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let grpc_addr = grpc.local_addr()?;
         let metrics_addr = metrics_listener.local_addr()?;
@@ -104,7 +128,19 @@ impl RunningServer {
         // serve_with_incoming ignores Server::tcp_nodelay; without it small
         // RPCs wait ~40 ms on delayed ACKs.
         let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let router = GrpcServer::builder()
+        let mut builder = GrpcServer::builder();
+        if let Some(tls) = &settings.tls {
+            // Client certificates are optional at the TLS layer so health
+            // probes (kubelet's gRPC probe has none) still connect; every
+            // Weft RPC demands one (grpc::Services::caller).
+            builder = builder.tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key))
+                    .client_ca_root(tonic::transport::Certificate::from_pem(&tls.client_ca))
+                    .client_auth_optional(true),
+            )?;
+        }
+        let router = builder
             // Bounds every handler; a watch handler returns its stream at
             // once, so streams are not cut by it.
             .timeout(RPC_TIMEOUT)
@@ -231,11 +267,41 @@ pub async fn connect_with_retry(url: &str) -> anyhow::Result<PgPool> {
 
 /// The binary's whole life: validate, migrate, serve until SIGTERM/SIGINT.
 pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
+    if let Some(Command::Certs(args)) = &cli.command {
+        // Needs neither a database nor TLS flags.
+        pki::write_cluster(
+            &args.out,
+            &args.server_san,
+            &args.nodes,
+            &args.admins,
+            &args.viewers,
+        )?;
+        return Ok(());
+    }
     let config = Config::from_cli(cli)?;
     telemetry::init(config.log_format, &config.log).map_err(anyhow::Error::msg)?;
     if config.check_only {
         info!(listen = %config.listen, cluster_cidr = %config.layout.cidr(), "configuration is valid");
         return Ok(());
+    }
+    let tls = match &config.tls {
+        Some(files) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            Some(TlsMaterial {
+                cert: read(&files.cert)?,
+                key: read(&files.key)?,
+                client_ca: read(&files.client_ca)?,
+            })
+        }
+        None => None,
+    };
+
+    if tls.is_none() {
+        warn!(
+            "serving plaintext without authentication (--insecure-plaintext): anyone who reaches the port can allocate, release and delete"
+        );
     }
     let pool = connect_with_retry(&config.database_url).await?;
     // sqlx takes an advisory lock, so replicas starting together migrate once.
@@ -259,6 +325,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         mtu_hint: config.mtu_hint,
         topology_history: config.topology_history,
         feed_capacity: watch::DEFAULT_FEED_CAPACITY,
+        tls,
     };
     let server = RunningServer::start(settings, pool, grpc, metrics_listener).await?;
     shutdown_signal().await?;

@@ -447,6 +447,17 @@ impl Store {
         })
     }
 
+    /// Records a refused call: who tried, for which node, which method.
+    pub async fn audit_denied(&self, actor: &str, node: &str, method: &str) -> Result<()> {
+        sqlx::query("INSERT INTO audit_log (action, actor, node_name, detail) VALUES ('denied', $1, $2, $3)")
+            .bind(actor)
+            .bind(node)
+            .bind(method)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn heartbeat(&self, name: &NodeName) -> Result<()> {
         let updated = sqlx::query("UPDATE nodes SET last_seen = now() WHERE name = $1")
             .bind(name.as_str())

@@ -239,6 +239,7 @@ async fn the_binary_migrates_serves_and_stops_on_sigterm(pool: PgPool) {
         .env("DATABASE_URL", &url)
         .env("WEFT_LISTEN", format!("127.0.0.1:{grpc_port}"))
         .env("WEFT_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+        .env("WEFT_INSECURE_PLAINTEXT", "true")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

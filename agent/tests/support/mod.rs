@@ -171,8 +171,57 @@ impl Cluster {
             );
         }
         c.create_database();
+        c.issue_certs(nodes);
         c.start_server();
         c
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    /// A CA, server certificate (both replica addresses), node certificates
+    /// for the agents and for agent-less "ghost" nodes, and an admin.
+    fn issue_certs(&self, nodes: usize) {
+        let mut names: Vec<String> = (1..=nodes).map(|n| format!("node{n}")).collect();
+        names.push("ghost".into());
+        names.extend((0..=20).map(|i| format!("ghost{i}")));
+        run(Command::new(bin_dir().join("weft-server"))
+            .arg("certs")
+            .arg("--out")
+            .arg(self.pki())
+            .args(["--server-san", &format!("{SERVER_IP},{REPLICA_IP}")])
+            .args(["--nodes", &names.join(","), "--admins", "admin"]));
+    }
+
+    fn tls_server_args(&self) -> Vec<String> {
+        let pki = self.pki();
+        vec![
+            "--tls-cert".into(),
+            pki.join("server.pem").display().to_string(),
+            "--tls-key".into(),
+            pki.join("server-key.pem").display().to_string(),
+            "--tls-client-ca".into(),
+            pki.join("ca.pem").display().to_string(),
+        ]
+    }
+
+    /// grpcurl flags authenticating as `who` ("admin" or a node name).
+    pub fn grpcurl_auth(&self, who: &str) -> Vec<String> {
+        let pki = self.pki();
+        let base = if who == "admin" {
+            "admin-admin".to_owned()
+        } else {
+            format!("node-{who}")
+        };
+        vec![
+            "-cacert".into(),
+            pki.join("ca.pem").display().to_string(),
+            "-cert".into(),
+            pki.join(format!("{base}.pem")).display().to_string(),
+            "-key".into(),
+            pki.join(format!("{base}-key.pem")).display().to_string(),
+        ]
     }
 
     fn add_ns(&mut self, ns: &str) {
@@ -242,6 +291,7 @@ impl Cluster {
                 "--metrics-listen",
                 &format!("{SERVER_IP}:7401"),
             ])
+            .args(self.tls_server_args())
             .env("DATABASE_URL", self.database_url())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -281,6 +331,7 @@ impl Cluster {
                 "--metrics-listen",
                 &format!("{REPLICA_IP}:7401"),
             ])
+            .args(self.tls_server_args())
             .env("DATABASE_URL", self.database_url())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -313,9 +364,9 @@ impl Cluster {
     }
 
     fn server_urls(&self) -> String {
-        let mut urls = format!("http://{SERVER_IP}:7400");
+        let mut urls = format!("https://{SERVER_IP}:7400");
         if self.namespaces.iter().any(|n| n.ends_with("-control2")) {
-            urls.push_str(&format!(",http://{REPLICA_IP}:7400"));
+            urls.push_str(&format!(",https://{REPLICA_IP}:7400"));
         }
         urls
     }
@@ -340,6 +391,12 @@ impl Cluster {
             .args(["netns", "exec", &self.nodes[node]])
             .arg(bin_dir().join("weft-agent"))
             .args(["--server", &self.server_urls()])
+            .arg("--tls-ca")
+            .arg(self.pki().join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(self.pki().join(format!("node-node{}.pem", node + 1)))
+            .arg("--tls-key")
+            .arg(self.pki().join(format!("node-node{}-key.pem", node + 1)))
             .args(["--node-name", &format!("node{}", node + 1)])
             .arg("--socket")
             .arg(self.dir.join(format!("node{node}.sock")))
@@ -388,13 +445,19 @@ impl Cluster {
         let out = in_ns(
             &self.control,
             &[
-                "grpcurl",
-                "-plaintext",
-                "-d",
-                body,
-                &format!("{SERVER_IP}:7400"),
-                method,
-            ],
+                &["grpcurl".to_owned()][..],
+                &self.grpcurl_auth("admin"),
+                &[
+                    "-d".to_owned(),
+                    body.to_owned(),
+                    format!("{SERVER_IP}:7400"),
+                    method.to_owned(),
+                ],
+            ]
+            .concat()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         );
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }

@@ -30,6 +30,9 @@ pub fn settings() -> ServerSettings {
         mtu_hint: 0,
         topology_history: 10_000,
         feed_capacity: 1024,
+        // In-process API tests run plaintext on purpose; tests/security.rs
+        // covers mutual TLS.
+        tls: None,
     }
 }
 
