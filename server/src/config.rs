@@ -124,6 +124,22 @@ pub enum Command {
     Migrate,
     /// Write a CA and certificates for mutual TLS into a directory.
     Certs(CertsArgs),
+    /// Check a running server's grpc.health.v1 status; exit 0 when SERVING
+    /// (an exec probe: kubelet's own gRPC probe cannot speak TLS).
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ProbeArgs {
+    /// Where the server listens.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub addr: String,
+    /// CA of the server certificate; without it the probe speaks plaintext.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Name the server certificate carries.
+    #[arg(long, default_value = "weft-server.weft-system.svc")]
+    pub tls_server_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]

@@ -131,7 +131,7 @@ impl RunningServer {
         let mut builder = GrpcServer::builder();
         if let Some(tls) = &settings.tls {
             // Client certificates are optional at the TLS layer so health
-            // probes (kubelet's gRPC probe has none) still connect; every
+            // checks (`weft-server probe`, load balancers) need none; every
             // Weft RPC demands one (grpc::Services::caller).
             builder = builder.tls_config(
                 tonic::transport::ServerTlsConfig::new()
@@ -278,6 +278,9 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         )?;
         return Ok(());
     }
+    if let Some(Command::Probe(args)) = &cli.command {
+        return probe(args).await;
+    }
     let config = Config::from_cli(cli)?;
     telemetry::init(config.log_format, &config.log).map_err(anyhow::Error::msg)?;
     if config.check_only {
@@ -331,6 +334,47 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     shutdown_signal().await?;
     info!("shutting down");
     server.shutdown().await;
+    Ok(())
+}
+
+/// One grpc.health.v1 check against a running server.
+async fn probe(args: &config::ProbeArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let scheme = if args.tls_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", args.addr))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(3));
+    if let Some(ca) = &args.tls_ca {
+        let ca =
+            std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name(args.tls_server_name.clone()),
+        )?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == ServingStatus::Serving as i32,
+        "not serving (status {status})"
+    );
     Ok(())
 }
 

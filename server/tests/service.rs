@@ -252,6 +252,16 @@ async fn the_binary_migrates_serves_and_stops_on_sigterm(pool: PgPool) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The exec probe the Deployment uses answers for a serving server.
+    let probe = server_bin()
+        .args(["probe", "--addr", &format!("127.0.0.1:{grpc_port}")])
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "probe: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
     let pid = child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = child.wait().unwrap();
