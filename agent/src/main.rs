@@ -1,3 +1,5 @@
+//! The weft-agent binary: parses flags and runs the agent (see the library).
+
 use clap::Parser;
 
 #[tokio::main]

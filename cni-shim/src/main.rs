@@ -1,3 +1,6 @@
+//! The `weft` CNI plugin binary: reads the CNI environment and stdin and
+//! hands them to the library, which forwards them to weft-agent.
+
 use std::io::Read;
 
 fn main() {

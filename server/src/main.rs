@@ -1,3 +1,5 @@
+//! The weft-server binary: parses flags and runs the server (see the library).
+
 use clap::Parser;
 
 #[tokio::main]
