@@ -17,24 +17,6 @@ fn one_node() -> Cluster {
     c
 }
 
-fn pod_ping(c: &Cluster, pod: &str, to: &str) -> bool {
-    std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.pod_ns_name(pod),
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "2",
-            to,
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn address_of(result: &Value) -> String {
     result["ips"][0]["address"].as_str().unwrap().to_owned()
 }
@@ -97,10 +79,7 @@ fn add_wires_the_pod_and_two_pods_on_a_node_reach_each_other() {
     assert_eq!(host["mtu"], 1450);
 
     let b_ip = address_of(&b.stdout).split('/').next().unwrap().to_owned();
-    assert!(
-        pod_ping(&c, "a", &b_ip),
-        "pod a cannot reach pod b at {b_ip}"
-    );
+    assert!(c.pod_ping("a", &b_ip), "pod a cannot reach pod b at {b_ip}");
 
     // The audit log names the pod.
     let audit = c.sql("SELECT action || ' ' || pod_namespace || '/' || pod_name || ' ' || host(address) FROM audit_log WHERE container_id = 'ctr-a'");
@@ -345,9 +324,9 @@ fn pods_on_different_nodes_reach_each_other_without_nat() {
     wait_until(
         "the tunnel between the nodes",
         Duration::from_secs(10),
-        || pod_ping(&c, "a", &b_ip),
+        || c.pod_ping("a", &b_ip),
     );
-    assert!(pod_ping(&c, "b", &a_ip));
+    assert!(c.pod_ping("b", &a_ip));
 
     // The receiver sees the sender's pod address: no NAT inside the cluster.
     let listener = KillOnDrop(Some(std::process::Command::new("ip")

@@ -35,22 +35,16 @@ fn add_pod(c: &mut Cluster, node: usize, name: &str) -> String {
         .to_owned()
 }
 
-fn ping(c: &Cluster, pod: &str, to: &str) -> bool {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.pod_ns_name(pod),
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "2",
-            to,
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// Two nodes, pod "a" on the first and "b" on the second, reaching each
+/// other; b's address.
+fn pods_on_two_nodes() -> (Cluster, String) {
+    let mut c = Cluster::new(2);
+    c.start_agent(0);
+    c.start_agent(1);
+    add_pod(&mut c, 0, "a");
+    let b = add_pod(&mut c, 1, "b");
+    wait_until("a -> b", Duration::from_secs(10), || c.pod_ping("a", &b));
+    (c, b)
 }
 
 /// Starts a TCP listener in `pod` that prints the peer address and the
@@ -115,7 +109,7 @@ fn every_pod_reaches_every_other_pod_and_sees_the_senders_address() {
             wait_until(
                 &format!("{from} -> {to} ({ip})"),
                 Duration::from_secs(10),
-                || ping(&c, from, ip),
+                || c.pod_ping(from, ip),
             );
         }
     }
@@ -165,12 +159,7 @@ fn restarting_an_agent_loses_no_ping_between_pods_on_different_nodes() {
     if !require_root() {
         return;
     }
-    let mut c = Cluster::new(2);
-    c.start_agent(0);
-    c.start_agent(1);
-    add_pod(&mut c, 0, "a");
-    let b = add_pod(&mut c, 1, "b");
-    wait_until("a -> b", Duration::from_secs(10), || ping(&c, "a", &b));
+    let (mut c, b) = pods_on_two_nodes();
 
     // 500 pings, one every 10 ms, while both agents restart.
     let pinger = KillOnDrop(Some(
@@ -209,16 +198,11 @@ fn with_the_server_down_pods_talk_del_works_and_gc_reclaims_afterwards() {
     if !require_root() {
         return;
     }
-    let mut c = Cluster::new(2);
-    c.start_agent(0);
-    c.start_agent(1);
-    add_pod(&mut c, 0, "a");
-    let b = add_pod(&mut c, 1, "b");
+    let (mut c, b) = pods_on_two_nodes();
     add_pod(&mut c, 0, "gone");
-    wait_until("a -> b", Duration::from_secs(10), || ping(&c, "a", &b));
 
     c.stop_server();
-    assert!(ping(&c, "a", &b), "existing pods keep talking");
+    assert!(c.pod_ping("a", &b), "existing pods keep talking");
     let ns = c.pod_netns("new");
     let add = c.cni(0, "ADD", "ctr-new", &ns, "new", &c.net_conf(0, "1.0.0"));
     assert_eq!(add.stdout["code"], 11, "{add:?}");
@@ -292,12 +276,7 @@ fn tcp_across_nodes_runs_at_the_tunnel_mtu_without_fragmentation() {
     if !require_root() {
         return;
     }
-    let mut c = Cluster::new(2);
-    c.start_agent(0);
-    c.start_agent(1);
-    add_pod(&mut c, 0, "a");
-    let b = add_pod(&mut c, 1, "b");
-    wait_until("a -> b", Duration::from_secs(10), || ping(&c, "a", &b));
+    let (c, b) = pods_on_two_nodes();
 
     // 1450-byte packets with DF set fit; one byte more does not.
     let df = |size: &str| {

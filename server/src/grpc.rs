@@ -591,33 +591,25 @@ impl Ipam for Services {
         let start = Instant::now();
         let result = async {
             let caller = self.caller(&request)?;
-            let node: NodeName = check("node_name", &request.get_ref().node_name)?;
+            let req = request.into_inner();
+            let node: NodeName = check("node_name", &req.node_name)?;
             self.authorize_node(&caller, &node, "Lookup").await?;
-            self.lookup_inner(request.into_inner())
+            let attachment = check_attachment(&req.container_id, &req.ifname)?;
+            self.inner
+                .store
+                .lookup(&node, &attachment)
                 .await
-                .map(Response::new)
+                .map_err(status_from)?
+                .map(|a| Response::new(allocation_pb(a)))
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no allocation for {}/{} on node {node}",
+                        attachment.container_id, attachment.ifname
+                    ))
+                })
         }
         .await;
         self.finish("Lookup", start, result)
-    }
-}
-
-impl Services {
-    async fn lookup_inner(&self, req: pb::LookupRequest) -> Result<pb::Allocation, Status> {
-        let node: NodeName = check("node_name", &req.node_name)?;
-        let attachment = check_attachment(&req.container_id, &req.ifname)?;
-        self.inner
-            .store
-            .lookup(&node, &attachment)
-            .await
-            .map_err(status_from)?
-            .map(allocation_pb)
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no allocation for {}/{} on node {node}",
-                    attachment.container_id, attachment.ifname
-                ))
-            })
     }
 }
 

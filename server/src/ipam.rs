@@ -152,15 +152,6 @@ impl NodeBlock {
         }
         ranges
     }
-
-    /// The next free pod offset after `last` in round-robin order, given
-    /// every used offset: the same order as [`NodeBlock::search_ranges`].
-    pub fn next_free(&self, last: u32, used: &HashSet<u32>) -> Option<u32> {
-        self.search_ranges(last)
-            .into_iter()
-            .flat_map(|(from, to)| from..=to)
-            .find(|o| !used.contains(o))
-    }
 }
 
 impl fmt::Display for NodeBlock {
@@ -172,6 +163,15 @@ impl fmt::Display for NodeBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The round-robin choice the store makes in SQL, over `search_ranges`,
+    /// given every used offset.
+    fn next_free(b: &NodeBlock, last: u32, used: &HashSet<u32>) -> Option<u32> {
+        b.search_ranges(last)
+            .into_iter()
+            .flat_map(|(from, to)| from..=to)
+            .find(|o| !used.contains(o))
+    }
 
     fn layout(cidr: &str, prefix: u8) -> ClusterLayout {
         ClusterLayout::new(cidr.parse().unwrap(), prefix).unwrap()
@@ -239,14 +239,14 @@ mod tests {
     fn round_robin_continues_after_the_last_address_and_wraps() {
         let b = NodeBlock::new("10.244.0.0/29".parse().unwrap()); // pods: offsets 2..=6
         let none = HashSet::new();
-        assert_eq!(b.next_free(0, &none), Some(2));
-        assert_eq!(b.next_free(2, &none), Some(3));
-        assert_eq!(b.next_free(6, &none), Some(2), "wraps after the last");
-        assert_eq!(b.next_free(3, &HashSet::from([4, 5])), Some(6));
-        assert_eq!(b.next_free(5, &HashSet::from([6, 2])), Some(3));
+        assert_eq!(next_free(&b, 0, &none), Some(2));
+        assert_eq!(next_free(&b, 2, &none), Some(3));
+        assert_eq!(next_free(&b, 6, &none), Some(2), "wraps after the last");
+        assert_eq!(next_free(&b, 3, &HashSet::from([4, 5])), Some(6));
+        assert_eq!(next_free(&b, 5, &HashSet::from([6, 2])), Some(3));
         // Released offset 3 is the last one tried again.
-        assert_eq!(b.next_free(3, &HashSet::from([2, 4, 5, 6])), Some(3));
-        assert_eq!(b.next_free(3, &HashSet::from([2, 3, 4, 5, 6])), None);
+        assert_eq!(next_free(&b, 3, &HashSet::from([2, 4, 5, 6])), Some(3));
+        assert_eq!(next_free(&b, 3, &HashSet::from([2, 3, 4, 5, 6])), None);
     }
 
     #[test]
@@ -261,7 +261,7 @@ mod tests {
     #[test]
     fn a_cursor_outside_the_pod_range_starts_at_the_first_pod_address() {
         let b = NodeBlock::new("10.244.0.0/29".parse().unwrap());
-        assert_eq!(b.next_free(99, &HashSet::new()), Some(2));
+        assert_eq!(next_free(&b, 99, &HashSet::new()), Some(2));
         assert_eq!(b.capacity(), 5);
     }
 }

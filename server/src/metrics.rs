@@ -3,7 +3,6 @@
 //! reports the same figures without keeping state of its own.
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -161,10 +160,6 @@ pub async fn serve_http(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {

@@ -5,13 +5,7 @@
 //! slow client only blocks itself, and when it falls further behind than the
 //! channel holds it gets a fresh snapshot instead of an ever-growing queue.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -54,7 +48,6 @@ pub struct PeerFeed {
 struct Inner {
     tx: broadcast::Sender<FeedItem>,
     wake: Notify,
-    revision: AtomicU64,
 }
 
 // === impl PeerFeed ===
@@ -68,10 +61,9 @@ impl PeerFeed {
             inner: Arc::new(Inner {
                 tx,
                 wake: Notify::new(),
-                revision: AtomicU64::new(revision),
             }),
         };
-        tokio::spawn(feed.clone().run(store));
+        tokio::spawn(feed.clone().run(store, revision));
         Ok(feed)
     }
 
@@ -81,14 +73,9 @@ impl PeerFeed {
         self.inner.wake.notify_one();
     }
 
-    /// The last revision the feed has broadcast.
-    pub fn revision(&self) -> u64 {
-        self.inner.revision.load(Ordering::Acquire)
-    }
-
-    async fn run(self, store: Store) {
+    async fn run(self, store: Store, start: u64) {
         let mut listener = None;
-        let mut last = self.revision();
+        let mut last = start;
         loop {
             if listener.is_none() {
                 listener = match listen(&store).await {
@@ -134,7 +121,6 @@ impl PeerFeed {
                 }
                 Err(e) => warn!(error = %e, "reading topology events"),
             }
-            self.inner.revision.store(last, Ordering::Release);
         }
     }
 

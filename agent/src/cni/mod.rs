@@ -439,9 +439,7 @@ impl Cni for CniService {
             .map(|cred| cred.uid());
         if caller != Some(0) {
             warn!(?caller, "refusing a CNI request from a non-root caller");
-            let version = request::config_version(&request.get_ref().stdin)
-                .filter(|v| request::SUPPORTED_VERSIONS.contains(&v.as_str()))
-                .unwrap_or_else(|| "1.1.0".to_owned());
+            let version = request::error_version(&request.get_ref().stdin);
             let e = CniError::new(Code::NotPermitted, "only root may call weft-agent")
                 .with_details(format!("caller uid {caller:?}"));
             return Ok(Response::new(ExecResponse {
@@ -457,9 +455,7 @@ impl Cni for CniService {
                 exit_code: 0,
             },
             Err(e) => {
-                let version = request::config_version(&req.stdin)
-                    .filter(|v| request::SUPPORTED_VERSIONS.contains(&v.as_str()))
-                    .unwrap_or_else(|| "1.1.0".to_owned());
+                let version = request::error_version(&req.stdin);
                 warn!(command = req.env.get("CNI_COMMAND").map(String::as_str).unwrap_or(""), error = %e, "CNI request failed");
                 ExecResponse {
                     stdout: e.render(&version).into_bytes(),

@@ -214,10 +214,14 @@ fn parse_valid_attachments(conf: &Value) -> Result<Vec<ValidAttachment>, CniErro
         .collect()
 }
 
-/// The cniVersion of a config, if it can be read at all (for error objects).
-pub fn config_version(stdin: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(stdin).ok()?;
-    v.get("cniVersion")?.as_str().map(str::to_owned)
+/// The version an error object is shaped for: the config's cniVersion if
+/// it can be read and is supported, else the newest.
+pub fn error_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.1.0".to_owned())
 }
 
 pub fn parse(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Request, CniError> {

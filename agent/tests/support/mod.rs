@@ -280,16 +280,17 @@ impl Cluster {
         }
     }
 
-    pub fn start_server(&mut self) {
-        let log = fs::File::create(self.dir.join("server.log")).unwrap();
+    /// Runs weft-server in namespace `ns` on `ip` and waits until it listens.
+    fn spawn_server(&self, ns: &str, ip: &str, log: &str) -> Child {
+        let log = fs::File::create(self.dir.join(log)).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.control])
+            .args(["netns", "exec", ns])
             .arg(bin_dir().join("weft-server"))
             .args([
                 "--listen",
-                &format!("{SERVER_IP}:7400"),
+                &format!("{ip}:7400"),
                 "--metrics-listen",
-                &format!("{SERVER_IP}:7401"),
+                &format!("{ip}:7401"),
             ])
             .args(self.tls_server_args())
             .env("DATABASE_URL", self.database_url())
@@ -298,22 +299,29 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.server = Some(child);
-        let control = self.control.clone();
-        wait_until("weft-server to listen", Duration::from_secs(20), || {
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &control,
-                    "bash",
-                    "-c",
-                    &format!("exec 3<>/dev/tcp/{SERVER_IP}/7400"),
-                ])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        wait_until(
+            &format!("weft-server on {ip} to listen"),
+            Duration::from_secs(20),
+            || {
+                Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        ns,
+                        "bash",
+                        "-c",
+                        &format!("exec 3<>/dev/tcp/{ip}/7400"),
+                    ])
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
+        child
+    }
+
+    pub fn start_server(&mut self) {
+        self.server = Some(self.spawn_server(&self.control, SERVER_IP, "server.log"));
     }
 
     /// Starts a second replica on the same database, in a namespace of its
@@ -321,38 +329,7 @@ impl Cluster {
     pub fn start_replica(&mut self) {
         let ns = format!("{}-control2", self.id);
         self.attach(&ns, "ctl2", REPLICA_IP);
-        let log = fs::File::create(self.dir.join("replica.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(bin_dir().join("weft-server"))
-            .args([
-                "--listen",
-                &format!("{REPLICA_IP}:7400"),
-                "--metrics-listen",
-                &format!("{REPLICA_IP}:7401"),
-            ])
-            .args(self.tls_server_args())
-            .env("DATABASE_URL", self.database_url())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.replica = Some(child);
-        wait_until("the replica to listen", Duration::from_secs(20), || {
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns,
-                    "bash",
-                    "-c",
-                    &format!("exec 3<>/dev/tcp/{REPLICA_IP}/7400"),
-                ])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        self.replica = Some(self.spawn_server(&ns, REPLICA_IP, "replica.log"));
     }
 
     /// SIGKILL, as a crashed node would do it.
@@ -532,6 +509,26 @@ impl Cluster {
             parts.push(v.to_string());
         }
         parts.join("\n")
+    }
+
+    /// One ping from inside pod `pod`'s namespace.
+    pub fn pod_ping(&self, pod: &str, to: &str) -> bool {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.pod_ns_name(pod),
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                to,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     pub fn ping(&self, node: usize, from: &str, to: &str) -> bool {
