@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Throwaway PostgreSQL cluster: own data directory, port and socket
 # directory, never the system service.
-#   scripts/pg.sh start DIR [PORT]   prints the DATABASE_URL
+#   scripts/pg.sh start DIR [PORT]   prints the owner's DATABASE_URL; the
+#                                    serving role `weft` exists too
 #   scripts/pg.sh stop DIR           stops it and removes DIR
 #   scripts/pg.sh halt DIR           stops it, keeping its data (an outage)
 #   scripts/pg.sh resume DIR         starts a halted cluster again
@@ -41,6 +42,11 @@ start)
     echo "-p $port -k $dir/sock -c listen_addresses='' -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >"$dir/opts"
     runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
         -o "$(cat "$dir/opts")" start >&2 || { cat "$dir/postgres.log" >&2; exit 1; }
+    # The two-role set-up (docs/security.md): postgres owns the schema and
+    # migrates; weft-server serves as `weft`, which may only read and
+    # append to the audit log.
+    runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -h "$dir/sock" -p "$port" -U postgres -d postgres \
+        -c "CREATE ROLE weft_server NOLOGIN" -c "CREATE ROLE weft LOGIN IN ROLE weft_server" >&2
     echo "postgres://postgres@localhost:$port/postgres?host=$dir/sock"
     ;;
 stop)

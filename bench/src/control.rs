@@ -38,6 +38,8 @@ async fn server(url: &str, layout: ClusterLayout) -> anyhow::Result<(RunningServ
         topology_history: 10_000,
         feed_capacity: 4096,
         tls: None,
+        block_quarantine: weft_server::store::DEFAULT_QUARANTINE,
+        keepalive: weft_server::Keepalive::default(),
     };
     let s = RunningServer::start(
         settings,

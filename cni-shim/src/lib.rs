@@ -37,10 +37,38 @@ pub fn reply_version(stdin: &[u8]) -> String {
 
 /// `agentSocket` from the plugin config, else the default.
 pub fn socket_path(stdin: &[u8]) -> PathBuf {
-    serde_json::from_slice::<Value>(stdin)
-        .ok()
-        .and_then(|v| v.get("agentSocket")?.as_str().map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    config_socket(stdin).unwrap_or_else(|_| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Why the shim itself refuses a config: it cannot tell which agent to ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadConfig {
+    /// CNI code: 6 (decoding failure) or 7 (invalid network config).
+    pub code: u32,
+    pub msg: String,
+}
+
+/// The socket the config names. Garbage on stdin is the caller's mistake
+/// (code 6), not an unreachable agent (code 11), so it is answered here.
+pub fn config_socket(stdin: &[u8]) -> Result<PathBuf, BadConfig> {
+    let value: Value = serde_json::from_slice(stdin).map_err(|e| BadConfig {
+        code: 6,
+        msg: format!("the network configuration on stdin is not JSON: {e}"),
+    })?;
+    let Some(config) = value.as_object() else {
+        return Err(BadConfig {
+            code: 6,
+            msg: "the network configuration on stdin is not a JSON object".into(),
+        });
+    };
+    match config.get("agentSocket") {
+        None => Ok(PathBuf::from(DEFAULT_SOCKET)),
+        Some(Value::String(s)) if !s.is_empty() => Ok(PathBuf::from(s)),
+        Some(other) => Err(BadConfig {
+            code: 7,
+            msg: format!("agentSocket must be a non-empty path string, not {other}"),
+        }),
+    }
 }
 
 pub fn version_reply(stdin: &[u8]) -> String {
@@ -83,43 +111,50 @@ pub fn run(env: HashMap<String, String>, stdin: Vec<u8>, out: &mut impl Write) -
     let (text, code) = if env.get("CNI_COMMAND").map(String::as_str) == Some("VERSION") {
         (version_reply(&stdin), 0)
     } else {
-        let socket = socket_path(&stdin);
-        let request = ExecRequest {
-            env,
-            stdin: stdin.clone(),
-        };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-        let result = match runtime {
-            Ok(rt) => rt.block_on(call(socket.clone(), request)),
-            Err(e) => Err(format!("starting the runtime: {e}")),
-        };
-        match result {
-            Ok(reply) => (
-                String::from_utf8_lossy(&reply.stdout).into_owned(),
-                reply.exit_code,
-            ),
-            Err(e) => {
-                eprintln!("weft: cannot reach weft-agent at {}: {e}", socket.display());
-                (
-                    error_reply(
-                        &stdin,
-                        11,
-                        &format!(
-                            "cannot reach weft-agent at {}; check that the weft-agent pod is running on this node",
-                            socket.display()
-                        ),
-                        &e,
-                    ),
-                    1,
-                )
-            }
+        match config_socket(&stdin) {
+            Ok(socket) => forward(socket, env, &stdin),
+            Err(bad) => (error_reply(&stdin, bad.code, &bad.msg, ""), 1),
         }
     };
     // A runtime that closed our stdout cannot be told anything else.
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     code
+}
+
+/// Sends the request to the agent: its stdout and exit code, or error 11.
+fn forward(socket: PathBuf, env: HashMap<String, String>, stdin: &[u8]) -> (String, i32) {
+    let request = ExecRequest {
+        env,
+        stdin: stdin.to_vec(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let result = match runtime {
+        Ok(rt) => rt.block_on(call(socket.clone(), request)),
+        Err(e) => Err(format!("starting the runtime: {e}")),
+    };
+    match result {
+        Ok(reply) => (
+            String::from_utf8_lossy(&reply.stdout).into_owned(),
+            reply.exit_code,
+        ),
+        Err(e) => {
+            eprintln!("weft: cannot reach weft-agent at {}: {e}", socket.display());
+            (
+                error_reply(
+                    stdin,
+                    11,
+                    &format!(
+                        "cannot reach weft-agent at {}; check that the weft-agent pod is running on this node",
+                        socket.display()
+                    ),
+                    &e,
+                ),
+                1,
+            )
+        }
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +186,22 @@ mod tests {
                 .unwrap()
                 .contains("/nonexistent/weft.sock")
         );
+    }
+
+    #[test]
+    fn garbage_on_stdin_is_a_decoding_failure_not_an_unreachable_agent() {
+        for (stdin, code) in [
+            (&b"garbage"[..], 6),
+            (b"[1,2]", 6),
+            (b"", 6),
+            (br#"{"cniVersion":"1.0.0","agentSocket":42}"#, 7),
+        ] {
+            let mut out = Vec::new();
+            let env = HashMap::from([("CNI_COMMAND".to_owned(), "ADD".to_owned())]);
+            assert_eq!(run(env, stdin.to_vec(), &mut out), 1);
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["code"], code, "{}", String::from_utf8_lossy(stdin));
+        }
     }
 
     #[test]

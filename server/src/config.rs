@@ -77,6 +77,17 @@ pub struct Cli {
     )]
     pub topology_history: String,
 
+    /// Seconds a deleted node's block is held back from other nodes, so a
+    /// still-running agent's pods never share addresses with a new node's
+    /// (the same node name registering again gets the block back at once).
+    #[arg(
+        long,
+        env = "WEFT_BLOCK_QUARANTINE",
+        default_value = "600",
+        global = true
+    )]
+    pub block_quarantine: String,
+
     /// Log output format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -178,6 +189,7 @@ pub struct Config {
     pub vni: u32,
     pub mtu_hint: u32,
     pub topology_history: u32,
+    pub block_quarantine: std::time::Duration,
     pub log_format: LogFormat,
     pub log: String,
     pub check_only: bool,
@@ -250,6 +262,14 @@ impl Config {
             1,
             10_000_000,
         ));
+        let block_quarantine = errors
+            .take(parse_range(
+                "--block-quarantine/WEFT_BLOCK_QUARANTINE",
+                &cli.block_quarantine,
+                0,
+                30 * 24 * 3600,
+            ))
+            .map(|s| std::time::Duration::from_secs(u64::from(s)));
         let layout = match (cidr, prefix) {
             (Some(cidr), Some(prefix)) => errors.take(
                 ClusterLayout::new(cidr, prefix)
@@ -303,6 +323,7 @@ impl Config {
             vni,
             mtu_hint,
             topology_history,
+            block_quarantine,
         ) {
             (
                 Some(listen),
@@ -312,6 +333,7 @@ impl Config {
                 Some(vni),
                 Some(mtu_hint),
                 Some(topology_history),
+                Some(block_quarantine),
             ) if errors.0.is_empty() => Ok(Self {
                 command: cli.command.clone().unwrap_or(Command::Serve),
                 listen,
@@ -321,6 +343,7 @@ impl Config {
                 vni,
                 mtu_hint,
                 topology_history,
+                block_quarantine,
                 log_format: cli.log_format,
                 log: cli.log,
                 check_only: cli.check_config,

@@ -54,6 +54,40 @@ struct Shared {
     streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Whether callers present client certificates (mutual TLS).
     tls: bool,
+    /// Unary calls in flight per node, so one node's burst queues behind
+    /// its own permits instead of taking every database connection.
+    permits: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// Unary calls one node may have in the store at once. An agent's ADD
+/// burst at boot waits its turn; the pool's other connections stay free
+/// for every other node.
+pub const MAX_CALLS_PER_NODE: usize = 4;
+
+/// A node's unary call slot; the map entry goes when nobody holds or
+/// waits for one.
+#[derive(Debug)]
+struct NodePermit {
+    shared: Arc<Shared>,
+    node: String,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for NodePermit {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut permits = self
+            .shared
+            .permits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if permits
+            .get(&self.node)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            permits.remove(&self.node);
+        }
+    }
 }
 
 /// Watch streams one node may hold at once: an agent needs one; a few more
@@ -101,6 +135,7 @@ impl Services {
                 mtu_hint,
                 streams: Default::default(),
                 tls,
+                permits: Default::default(),
             }),
         }
     }
@@ -165,6 +200,16 @@ fn check_ipv4(field: &'static str, value: &str) -> Result<Ipv4Addr, Status> {
     })
 }
 
+fn page_size(requested: u32) -> Result<u32, Status> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n <= MAX_PAGE_SIZE => Ok(n),
+        n => Err(Status::invalid_argument(format!(
+            "invalid page_size: {n}, at most {MAX_PAGE_SIZE}"
+        ))),
+    }
+}
+
 fn check_attachment(container_id: &str, ifname: &str) -> Result<Attachment, Status> {
     Ok(Attachment {
         container_id: check::<ContainerId>("container_id", container_id)?,
@@ -180,12 +225,19 @@ fn status_from(e: StoreError) -> Status {
             Status::resource_exhausted(e.to_string())
         }
         StoreError::AttachmentOnOtherNode { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::EndpointTaken { .. } => Status::already_exists(e.to_string()),
         StoreError::Conflict => Status::aborted(e.to_string()),
-        StoreError::Database(
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
-        ) => Status::unavailable(format!("database unavailable: {e}")),
+        // A database that restarts, fails over or is out of reach: the
+        // caller retries (the CNI plugin answers 11, not 100).
+        e if e.is_unavailable() => {
+            warn!(error = %e, "database unavailable");
+            Status::unavailable("database unavailable; retry")
+        }
         // Internals stay in the log; the client gets a stable message.
-        StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::LayoutMismatch { .. } => {
+        StoreError::Database(_)
+        | StoreError::Corrupt(_)
+        | StoreError::LayoutMismatch { .. }
+        | StoreError::LayoutChanged { .. } => {
             warn!(error = %e, "internal error");
             Status::internal("internal database error; see the server log")
         }
@@ -350,6 +402,26 @@ impl Services {
         }
     }
 
+    /// Waits for one of the node's [`MAX_CALLS_PER_NODE`] call slots.
+    async fn admit(&self, node: &NodeName) -> Result<NodePermit, Status> {
+        let semaphore = {
+            let mut permits = self.inner.permits.lock().unwrap_or_else(|p| p.into_inner());
+            permits
+                .entry(node.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_PER_NODE)))
+                .clone()
+        };
+        let permit = semaphore
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("server shutting down"))?;
+        Ok(NodePermit {
+            shared: self.inner.clone(),
+            node: node.to_string(),
+            permit: Some(permit),
+        })
+    }
+
     async fn deny(&self, caller: &Caller, node: &str, method: &str) -> Status {
         let actor = caller.actor();
         warn!(%actor, node, method, "permission denied");
@@ -379,11 +451,22 @@ impl Topology for Services {
             let underlay: UnderlayIp = check("underlay_ip", &req.underlay_ip)?;
             let mac: MacAddr = check("vtep_mac", &req.vtep_mac)?;
             let actor = self.authorize_node(&caller, &node, "RegisterNode").await?;
+            let _permit = self.admit(&node).await?;
             let store = &self.inner.store;
-            let reg = store
-                .register_node(&node, underlay, mac, &actor)
-                .await
-                .map_err(status_from)?;
+            let reg = match store.register_node(&node, underlay, mac, &actor).await {
+                Ok(reg) => reg,
+                Err(e @ StoreError::EndpointTaken { .. }) => {
+                    // A claim on another node's tunnel endpoint is either a
+                    // misconfiguration or an attack: refuse and record it.
+                    warn!(%node, %underlay, %mac, %actor, error = %e, "registration refused");
+                    let detail = format!("RegisterNode: {e}");
+                    if let Err(audit) = store.audit_denied(&actor, node.as_str(), &detail).await {
+                        warn!(error = %audit, "recording a refused registration");
+                    }
+                    return Err(status_from(e));
+                }
+                Err(e) => return Err(status_from(e)),
+            };
             if reg.changed {
                 self.inner.feed.poke();
                 info!(%node, %underlay, %mac, block = %reg.block, revision = reg.revision, "node registered");
@@ -453,6 +536,7 @@ impl Topology for Services {
             let caller = self.caller(&request)?;
             let node: NodeName = check("node_name", &request.get_ref().node_name)?;
             self.authorize_node(&caller, &node, "Heartbeat").await?;
+            let _permit = self.admit(&node).await?;
             self.inner
                 .store
                 .heartbeat(&node)
@@ -480,6 +564,7 @@ impl Ipam for Services {
             let req = request.into_inner();
             let node: NodeName = check("node_name", &req.node_name)?;
             let actor = self.authorize_node(&caller, &node, "Allocate").await?;
+            let _permit = self.admit(&node).await?;
             let attachment = check_attachment(&req.container_id, &req.ifname)?;
             let pod = PodRef {
                 namespace: check_text("pod_namespace", &req.pod_namespace)?,
@@ -521,6 +606,7 @@ impl Ipam for Services {
             let req = request.into_inner();
             let node: NodeName = check("node_name", &req.node_name)?;
             let actor = self.authorize_node(&caller, &node, "Release").await?;
+            let _permit = self.admit(&node).await?;
             let attachment = check_attachment(&req.container_id, &req.ifname)?;
             let released = self
                 .inner
@@ -553,6 +639,7 @@ impl Ipam for Services {
             let req = request.into_inner();
             let node: NodeName = check("node_name", &req.node_name)?;
             let actor = self.authorize_node(&caller, &node, "Gc").await?;
+            let _permit = self.admit(&node).await?;
             if req.valid.len() > MAX_GC_ATTACHMENTS {
                 return Err(Status::invalid_argument(format!(
                     "invalid valid: {} attachments, at most {MAX_GC_ATTACHMENTS} allowed",
@@ -594,6 +681,7 @@ impl Ipam for Services {
             let req = request.into_inner();
             let node: NodeName = check("node_name", &req.node_name)?;
             self.authorize_node(&caller, &node, "Lookup").await?;
+            let _permit = self.admit(&node).await?;
             let attachment = check_attachment(&req.container_id, &req.ifname)?;
             self.inner
                 .store
@@ -710,15 +798,7 @@ impl Admin for Services {
                 } else {
                     Some(check_ipv4("page_token", &req.page_token)?)
                 },
-                limit: match req.page_size {
-                    0 => DEFAULT_PAGE_SIZE,
-                    n if n <= MAX_PAGE_SIZE => n,
-                    n => {
-                        return Err(Status::invalid_argument(format!(
-                            "invalid page_size: {n}, at most {MAX_PAGE_SIZE}"
-                        )));
-                    }
-                },
+                limit: page_size(req.page_size)?,
             };
             let allocations = self
                 .inner
@@ -759,9 +839,34 @@ impl Admin for Services {
                     ));
                 }
             };
-            let entries = self.inner.store.history(&key).await.map_err(status_from)?;
+            let limit = page_size(req.page_size)?;
+            let after = if req.page_token.is_empty() {
+                0
+            } else {
+                req.page_token
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|id| *id > 0)
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "invalid page_token: {:?} is not a token from a previous page",
+                            req.page_token
+                        ))
+                    })?
+            };
+            let entries = self
+                .inner
+                .store
+                .history(&key, after, limit)
+                .await
+                .map_err(status_from)?;
+            let next_page_token = match entries.last() {
+                Some(last) if entries.len() == limit as usize => last.id.to_string(),
+                _ => String::new(),
+            };
             Ok(Response::new(pb::HistoryResponse {
                 entries: entries.into_iter().map(audit_pb).collect(),
+                next_page_token,
             }))
         }
         .await;

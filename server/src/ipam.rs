@@ -152,6 +152,16 @@ impl NodeBlock {
         }
         ranges
     }
+
+    /// The next free offset after `last`, in round-robin order over
+    /// [`Self::search_ranges`], given the offsets in use. This is the
+    /// choice the store makes for every allocation.
+    pub fn next_free(&self, last: u32, used: &HashSet<u32>) -> Option<u32> {
+        self.search_ranges(last)
+            .into_iter()
+            .flat_map(|(from, to)| from..=to)
+            .find(|o| !used.contains(o))
+    }
 }
 
 impl fmt::Display for NodeBlock {
@@ -164,13 +174,8 @@ impl fmt::Display for NodeBlock {
 mod tests {
     use super::*;
 
-    /// The round-robin choice the store makes in SQL, over `search_ranges`,
-    /// given every used offset.
     fn next_free(b: &NodeBlock, last: u32, used: &HashSet<u32>) -> Option<u32> {
-        b.search_ranges(last)
-            .into_iter()
-            .flat_map(|(from, to)| from..=to)
-            .find(|o| !used.contains(o))
+        b.next_free(last, used)
     }
 
     fn layout(cidr: &str, prefix: u8) -> ClusterLayout {

@@ -58,6 +58,29 @@ pub struct ServerSettings {
     pub feed_capacity: usize,
     /// Mutual TLS; `None` serves plaintext without authentication.
     pub tls: Option<TlsMaterial>,
+    /// How long a deleted node's block is held back from other nodes.
+    pub block_quarantine: Duration,
+    /// HTTP/2 PING interval on idle connections, and how long an
+    /// unanswered PING may stay so before the connection (and every watch
+    /// stream on it) is dropped. A peer that vanished without a FIN is
+    /// noticed within the sum.
+    pub keepalive: Keepalive,
+}
+
+/// Dead-peer detection on the gRPC listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(20),
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// PEM contents for mutual TLS.
@@ -86,7 +109,8 @@ impl RunningServer {
         grpc: TcpListener,
         metrics_listener: TcpListener,
     ) -> anyhow::Result<Self> {
-        let store = Store::new(pool, settings.layout, settings.topology_history);
+        let store = Store::new(pool, settings.layout, settings.topology_history)
+            .with_quarantine(settings.block_quarantine);
         store.check_layout().await?;
         let feed = PeerFeed::start(store.clone(), settings.feed_capacity).await?;
         let metrics = Metrics::new();
@@ -127,8 +151,16 @@ impl RunningServer {
 
         // serve_with_incoming ignores Server::tcp_nodelay; without it small
         // RPCs wait ~40 ms on delayed ACKs.
-        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
-        let mut builder = GrpcServer::builder();
+        // TCP keepalive catches a dead peer on connections that carry no
+        // HTTP/2 traffic the PINGs below would notice.
+        let incoming = TcpIncoming::from(grpc)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(settings.keepalive.interval))
+            .with_keepalive_interval(Some(settings.keepalive.interval))
+            .with_keepalive_retries(Some(3));
+        let mut builder = GrpcServer::builder()
+            .http2_keepalive_interval(Some(settings.keepalive.interval))
+            .http2_keepalive_timeout(Some(settings.keepalive.timeout));
         if let Some(tls) = &settings.tls {
             // Client certificates are optional at the TLS layer so health
             // checks (`weft-server probe`, load balancers) need none; every
@@ -246,16 +278,15 @@ async fn wait_for(mut stopped: signal_watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-/// Connects, retrying while the database is unreachable (it may start
-/// after us in a cluster); a wrong URL or password fails at once.
+/// Connects, retrying while the database is unreachable, starting up or
+/// shutting down (it may start after us, or be failing over); a wrong URL
+/// or password fails at once.
 pub async fn connect_with_retry(url: &str) -> anyhow::Result<PgPool> {
     let mut delay = Duration::from_millis(250);
     loop {
         match Store::connect(url).await {
             Ok(pool) => return Ok(pool),
-            Err(store::StoreError::Database(
-                e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)),
-            )) => {
+            Err(store::StoreError::Database(e)) if store::sqlx_unavailable(&e) => {
                 warn!(error = %e, retry_in = ?delay, "database unreachable; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
@@ -307,15 +338,17 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         );
     }
     let pool = connect_with_retry(&config.database_url).await?;
-    // sqlx takes an advisory lock, so replicas starting together migrate once.
-    MIGRATOR
-        .run(&pool)
-        .await
-        .context("applying database migrations")?;
-    info!("database migrations applied");
     if config.command == Command::Migrate {
+        // sqlx takes an advisory lock, so replicas starting together
+        // migrate once.
+        MIGRATOR
+            .run(&pool)
+            .await
+            .context("applying database migrations")?;
+        info!("database migrations applied");
         return Ok(());
     }
+    ensure_migrated(&pool).await?;
     let grpc = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding gRPC listener {}", config.listen))?;
@@ -329,11 +362,54 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         topology_history: config.topology_history,
         feed_capacity: watch::DEFAULT_FEED_CAPACITY,
         tls,
+        block_quarantine: config.block_quarantine,
+        keepalive: Keepalive::default(),
     };
     let server = RunningServer::start(settings, pool, grpc, metrics_listener).await?;
     shutdown_signal().await?;
     info!("shutting down");
     server.shutdown().await;
+    Ok(())
+}
+
+/// Serving needs the schema at the binary's version. In the two-role set-up
+/// (docs/security.md) `weft-server migrate` runs as the owning role and the
+/// serving role could not migrate anyway; a single-role database is
+/// migrated here, with a warning that its audit log is not protected.
+pub async fn ensure_migrated(pool: &PgPool) -> anyhow::Result<()> {
+    let applied: Vec<i64> =
+        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+        {
+            Ok(v) => v,
+            // No migrations table yet: a new database.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(e).context("reading the applied migrations"),
+        };
+    let pending: Vec<i64> = MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect();
+    if !pending.is_empty() {
+        info!(?pending, "applying database migrations");
+        MIGRATOR.run(pool).await.context(
+            "applying database migrations; if this role may not change the schema, \
+             run `weft-server migrate` as the schema owner first (docs/security.md)",
+        )?;
+    }
+    let owns_audit: bool = sqlx::query_scalar(
+        "SELECT pg_has_role(current_user, tableowner, 'USAGE') FROM pg_tables WHERE tablename = 'audit_log'",
+    )
+    .fetch_one(pool)
+    .await
+    .context("checking who owns audit_log")?;
+    if owns_audit {
+        warn!(
+            "the serving database role owns audit_log and could rewrite it; serve as a role that only reads and appends (docs/security.md)"
+        );
+    }
     Ok(())
 }
 

@@ -68,6 +68,24 @@ pub enum StoreError {
         cidr: Ipv4Net,
         prefix: u8,
     },
+    #[error(
+        "{field} {value} is already registered by node {holder}; delete that node first if it is gone"
+    )]
+    EndpointTaken {
+        field: &'static str,
+        value: String,
+        holder: String,
+    },
+    #[error(
+        "the database was built for cluster CIDR {stored_cidr} with /{stored_prefix} node blocks, \
+         but this server was started with {cidr} and /{prefix}; start it with the database's layout"
+    )]
+    LayoutChanged {
+        stored_cidr: IpNet,
+        stored_prefix: u8,
+        cidr: Ipv4Net,
+        prefix: u8,
+    },
     #[error("concurrent updates kept conflicting after {MAX_ATTEMPTS} attempts; retry")]
     Conflict,
     #[error("unexpected data in the database: {0}")]
@@ -85,6 +103,37 @@ impl StoreError {
         };
         e.is_unique_violation() || matches!(e.code().as_deref(), Some("40001" | "40P01"))
     }
+
+    /// The database is away or restarting: the caller should retry later,
+    /// not report a failure of its request.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => sqlx_unavailable(e),
+            _ => false,
+        }
+    }
+}
+
+/// Errors that a database restart, failover or network loss produce.
+pub fn sqlx_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // The connection died mid-message (server killed or restarted).
+        sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().as_deref().is_some_and(sqlstate_unavailable),
+        _ => false,
+    }
+}
+
+/// SQLSTATEs of a server that is shutting down, starting up, in recovery
+/// or out of connections (class 08: connection exceptions; 57P0x: operator
+/// intervention; 53300: too many connections; 25006: read-only standby).
+pub fn sqlstate_unavailable(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "25006")
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -188,7 +237,15 @@ pub struct Store {
     pool: PgPool,
     layout: ClusterLayout,
     history_limit: i64,
+    /// How long a deleted node's block is held back from other nodes.
+    quarantine: Duration,
 }
+
+/// Most topology events one read returns; a watcher further behind gets a
+/// snapshot, which is smaller than the replay.
+pub const MAX_REPLAY: i64 = 1024;
+/// Default quarantine of a deleted node's block.
+pub const DEFAULT_QUARANTINE: Duration = Duration::from_secs(600);
 
 #[derive(sqlx::FromRow)]
 struct NodeRow {
@@ -212,20 +269,6 @@ struct AllocationRow {
     pod_name: String,
     pod_uid: String,
     allocated_at: DateTime<Utc>,
-}
-
-/// The node's lock row and, if any, the attachment's current allocation.
-#[derive(sqlx::FromRow)]
-struct AllocateContext {
-    block: IpNet,
-    last_offset: i32,
-    owner: Option<String>,
-    address: Option<IpAddr>,
-    pod_namespace: Option<String>,
-    pod_name: Option<String>,
-    pod_uid: Option<String>,
-    allocated_at: Option<DateTime<Utc>>,
-    owner_block: Option<IpNet>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -302,7 +345,13 @@ impl Store {
             pool,
             layout,
             history_limit: i64::from(history_limit.max(1)),
+            quarantine: DEFAULT_QUARANTINE,
         }
+    }
+
+    pub fn with_quarantine(mut self, quarantine: Duration) -> Self {
+        self.quarantine = quarantine;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -316,6 +365,29 @@ impl Store {
     /// Fails if a stored node's block does not match the configured layout,
     /// so a changed --cluster-cidr cannot silently hand out overlapping blocks.
     pub async fn check_layout(&self) -> Result<()> {
+        // The first server records its layout; every later one must match.
+        sqlx::query(
+            "INSERT INTO cluster_layout (cluster_cidr, node_prefix_len) VALUES ($1, $2)
+             ON CONFLICT (singleton) DO NOTHING",
+        )
+        .bind(IpNet::V4(self.layout.cidr()))
+        .bind(i32::from(self.layout.node_prefix()))
+        .execute(&self.pool)
+        .await?;
+        let (stored_cidr, stored_prefix): (IpNet, i32) =
+            sqlx::query_as("SELECT cluster_cidr, node_prefix_len FROM cluster_layout")
+                .fetch_one(&self.pool)
+                .await?;
+        if stored_cidr != IpNet::V4(self.layout.cidr())
+            || stored_prefix != i32::from(self.layout.node_prefix())
+        {
+            return Err(StoreError::LayoutChanged {
+                stored_cidr,
+                stored_prefix: u8::try_from(stored_prefix).unwrap_or(0),
+                cidr: self.layout.cidr(),
+                prefix: self.layout.node_prefix(),
+            });
+        }
         let rows: Vec<(String, i32, IpNet)> =
             sqlx::query_as("SELECT name, block_index, block FROM nodes ORDER BY name")
                 .fetch_all(&self.pool)
@@ -356,6 +428,30 @@ impl Store {
         let history = self.history_limit;
         in_transaction!(self, "register_node", tx, async {
             let revision = lock_topology(tx).await?;
+            // Under the topology lock no other registration commits in
+            // between; the unique constraints catch anything that would.
+            let holder: Option<(String, IpAddr, String)> = sqlx::query_as(
+                "SELECT name, underlay_ip, vtep_mac::text FROM nodes
+                 WHERE (underlay_ip = $2 OR vtep_mac = $3::macaddr) AND name <> $1
+                 LIMIT 1",
+            )
+            .bind(name.as_str())
+            .bind(IpAddr::V4(underlay.addr()))
+            .bind(mac.to_string())
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some((holder, ip, stored_mac)) = holder {
+                let (field, value) = if ip == IpAddr::V4(underlay.addr()) {
+                    ("underlay_ip", underlay.addr().to_string())
+                } else {
+                    ("vtep_mac", stored_mac)
+                };
+                return Err(StoreError::EndpointTaken {
+                    field,
+                    value,
+                    holder,
+                });
+            }
             let existing: Option<(IpAddr, String, IpNet)> = sqlx::query_as(
                 "SELECT underlay_ip, vtep_mac::text, block FROM nodes WHERE name = $1",
             )
@@ -389,22 +485,45 @@ impl Store {
                     (block, "node_update")
                 }
                 None => {
-                    let used: Vec<i32> = sqlx::query_scalar("SELECT block_index FROM nodes")
-                        .fetch_all(&mut **tx)
-                        .await?;
+                    // A node registering again gets its quarantined block
+                    // back: its pods may still hold addresses of it.
+                    let own_retired: Option<i32> = sqlx::query_scalar(
+                        "DELETE FROM retired_blocks WHERE node_name = $1
+                         RETURNING block_index",
+                    )
+                    .bind(name.as_str())
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                    let used: Vec<i32> = sqlx::query_scalar(
+                        "SELECT block_index FROM nodes
+                         UNION ALL
+                         SELECT block_index FROM retired_blocks WHERE until > now()",
+                    )
+                    .fetch_all(&mut **tx)
+                    .await?;
                     let used: HashSet<u32> = used
                         .into_iter()
                         .filter_map(|i| u32::try_from(i).ok())
                         .collect();
-                    let index =
-                        layout
-                            .first_free_block(&used)
-                            .ok_or_else(|| StoreError::NoFreeBlock {
-                                node: name.clone(),
-                                cidr: layout.cidr(),
-                                prefix: layout.node_prefix(),
-                                count: layout.block_count(),
-                            })?;
+                    let own_retired = own_retired
+                        .and_then(|i| u32::try_from(i).ok())
+                        .filter(|i| !used.contains(i) && layout.block(*i).is_some());
+                    let index = own_retired
+                        .or_else(|| layout.first_free_block(&used))
+                        .ok_or_else(|| StoreError::NoFreeBlock {
+                            node: name.clone(),
+                            cidr: layout.cidr(),
+                            prefix: layout.node_prefix(),
+                            count: layout.block_count(),
+                        })?;
+                    // A quarantine that ran out is over: the block is free.
+                    sqlx::query("DELETE FROM retired_blocks WHERE block_index = $1")
+                        .bind(
+                            i32::try_from(index)
+                                .map_err(|_| StoreError::Corrupt("block index".into()))?,
+                        )
+                        .execute(&mut **tx)
+                        .await?;
                     let block = layout
                         .block(index)
                         .ok_or_else(|| StoreError::Corrupt(format!("block index {index}")))?;
@@ -478,6 +597,7 @@ impl Store {
         actor: &str,
     ) -> Result<(u64, Vec<AllocationRecord>)> {
         let history = self.history_limit;
+        let quarantine = self.quarantine;
         in_transaction!(self, "delete_node", tx, async {
             let revision = lock_topology(tx).await?;
             let exists: Option<String> =
@@ -489,6 +609,19 @@ impl Store {
                 return Err(StoreError::UnknownNode(name.clone()));
             }
             let released = release_where_node(tx, name.as_str(), &[], "release", actor).await?;
+            // Its agent may still run pods in the block: hold it back.
+            sqlx::query(
+                "INSERT INTO retired_blocks (block_index, block, node_name, until)
+                 SELECT block_index, block, name, now() + make_interval(secs => $2)
+                 FROM nodes WHERE name = $1
+                 ON CONFLICT (block_index) DO UPDATE
+                 SET block = EXCLUDED.block, node_name = EXCLUDED.node_name,
+                     retired_at = now(), until = EXCLUDED.until",
+            )
+            .bind(name.as_str())
+            .bind(quarantine.as_secs_f64())
+            .execute(&mut **tx)
+            .await?;
             sqlx::query("DELETE FROM nodes WHERE name = $1")
                 .bind(name.as_str())
                 .execute(&mut **tx)
@@ -568,11 +701,16 @@ impl Store {
             Some(oldest) if oldest <= since_i + 1 => {}
             _ => return Ok(None),
         }
+        // A watcher this far behind costs less as a snapshot than a replay.
+        if current - since_i > MAX_REPLAY {
+            return Ok(None);
+        }
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT revision, node_name, kind, underlay_ip, vtep_mac::text AS vtep_mac, block
-             FROM topology_events WHERE revision > $1 ORDER BY revision",
+             FROM topology_events WHERE revision > $1 ORDER BY revision LIMIT $2",
         )
         .bind(since_i)
+        .bind(MAX_REPLAY)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -593,77 +731,57 @@ impl Store {
         actor: &str,
     ) -> Result<(AllocationRecord, bool)> {
         in_transaction!(self, "allocate", tx, async {
-            // One round trip: lock the node row (it queues allocations of
-            // one node; the unique constraints below are what actually rule
-            // out duplicates) and look for the attachment.
-            let row: Option<AllocateContext> = sqlx::query_as(
-                "SELECT n.block, n.last_offset,
-                        a.node_name AS owner, a.address, a.pod_namespace, a.pod_name, a.pod_uid,
-                        a.allocated_at, owner_node.block AS owner_block
-                 FROM nodes n
-                 LEFT JOIN allocations a ON a.container_id = $2 AND a.ifname = $3
-                 LEFT JOIN nodes owner_node ON owner_node.name = a.node_name
-                 WHERE n.name = $1
-                 FOR UPDATE OF n",
+            // Lock the node row first (it queues allocations of one node;
+            // the unique constraints are what rule out duplicates), then
+            // look for the attachment in a statement of its own: under READ
+            // COMMITTED each statement reads a fresh snapshot, so a release
+            // that committed while this call waited for the lock is seen.
+            // Joined into the locking statement, the lookup would answer
+            // from the snapshot taken before the wait.
+            let locked: Option<(IpNet, i32)> =
+                sqlx::query_as("SELECT block, last_offset FROM nodes WHERE name = $1 FOR UPDATE")
+                    .bind(node.as_str())
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            let Some((block, last_offset)) = locked else {
+                return Err(StoreError::UnknownNode(node.clone()));
+            };
+            let block = to_block(block)?;
+            let existing: Option<AllocationRow> = sqlx::query_as(
+                "SELECT a.*, n.block FROM allocations a JOIN nodes n ON n.name = a.node_name
+                 WHERE a.container_id = $1 AND a.ifname = $2",
             )
-            .bind(node.as_str())
             .bind(attachment.container_id.as_str())
             .bind(attachment.ifname.as_str())
             .fetch_optional(&mut **tx)
             .await?;
-            let Some(row) = row else {
-                return Err(StoreError::UnknownNode(node.clone()));
-            };
-            let block = to_block(row.block)?;
-            let last_offset = row.last_offset;
-
-            if let (Some(owner), Some(address), Some(owner_block), Some(allocated_at)) =
-                (row.owner, row.address, row.owner_block, row.allocated_at)
-            {
-                if owner != node.as_str() {
+            if let Some(row) = existing {
+                if row.node_name != node.as_str() {
                     return Err(StoreError::AttachmentOnOtherNode {
                         container_id: attachment.container_id.clone(),
                         ifname: attachment.ifname.clone(),
-                        owner,
+                        owner: row.node_name,
                         node: node.clone(),
                     });
                 }
-                let existing = AllocationRecord {
-                    node_name: owner,
-                    address: to_v4(address)?,
-                    block: to_block(owner_block)?,
-                    container_id: attachment.container_id.to_string(),
-                    ifname: attachment.ifname.to_string(),
-                    pod: PodRef {
-                        namespace: row.pod_namespace.unwrap_or_default(),
-                        name: row.pod_name.unwrap_or_default(),
-                        uid: row.pod_uid.unwrap_or_default(),
-                    },
-                    allocated_at,
-                };
-                return Ok((existing, false));
+                return Ok((allocation_from_row(row)?, false));
             }
 
-            // Probe the round-robin ranges in order and stop at the first
-            // free offset: one index lookup per taken address passed, not a
-            // scan of the whole block.
-            let mut offset = None;
-            for (from, to) in block.search_ranges(u32::try_from(last_offset).unwrap_or(0)) {
-                offset = sqlx::query_scalar::<_, i64>(
-                    "SELECT o FROM generate_series($2::bigint, $3::bigint) AS o
-                     WHERE NOT EXISTS (SELECT 1 FROM allocations a WHERE a.address = $1::inet + o)
-                     LIMIT 1",
-                )
-                .bind(IpAddr::V4(block.net().network()))
-                .bind(i64::from(from))
-                .bind(i64::from(to))
-                .fetch_optional(&mut **tx)
-                .await?
-                .and_then(|o| u32::try_from(o).ok());
-                if offset.is_some() {
-                    break;
-                }
-            }
+            // The block's used offsets, then the pure round-robin choice
+            // (NodeBlock::next_free): one indexed read of at most a block's
+            // worth of rows, and the decision is the unit-tested code.
+            let used: Vec<i64> = sqlx::query_scalar(
+                "SELECT address - $2::inet FROM allocations WHERE node_name = $1",
+            )
+            .bind(node.as_str())
+            .bind(IpAddr::V4(block.net().network()))
+            .fetch_all(&mut **tx)
+            .await?;
+            let used: HashSet<u32> = used
+                .into_iter()
+                .filter_map(|o| u32::try_from(o).ok())
+                .collect();
+            let offset = block.next_free(u32::try_from(last_offset).unwrap_or(0), &used);
             let offset = offset.ok_or_else(|| StoreError::BlockExhausted {
                 node: node.clone(),
                 block,
@@ -838,19 +956,31 @@ impl Store {
         rows.into_iter().map(allocation_from_row).collect()
     }
 
-    pub async fn history(&self, key: &HistoryKey) -> Result<Vec<AuditRecord>> {
+    /// One page of a trail, oldest first: entries after `after_id`, at
+    /// most `limit`.
+    pub async fn history(
+        &self,
+        key: &HistoryKey,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>> {
         let (address, container) = match key {
             HistoryKey::Address(ip) => (Some(IpAddr::V4(*ip)), None),
             HistoryKey::Container(id) => (None, Some(id.as_str())),
         };
+        // Two indexed arms rather than one OR, so each walks its index.
         let rows: Vec<AuditRow> = sqlx::query_as(
             "SELECT * FROM audit_log
-             WHERE ($1::inet IS NOT NULL AND address = $1)
-                OR ($2::text IS NOT NULL AND container_id = $2)
-             ORDER BY id",
+             WHERE $1::inet IS NOT NULL AND address = $1 AND id > $3
+             UNION ALL
+             SELECT * FROM audit_log
+             WHERE $2::text IS NOT NULL AND container_id = $2 AND id > $3
+             ORDER BY id LIMIT $4",
         )
         .bind(address)
         .bind(container)
+        .bind(after_id)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(audit_from_row).collect()
@@ -1050,4 +1180,28 @@ fn audit_from_row(row: AuditRow) -> Result<AuditRecord> {
             uid: row.pod_uid.unwrap_or_default(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarting_or_failing_over_database_is_unavailable_not_internal() {
+        for code in ["57P01", "57P02", "57P03", "08006", "08001", "53300", "25006"] {
+            assert!(sqlstate_unavailable(code), "{code}");
+        }
+        // A bug or a constraint is not something a retry fixes.
+        for code in ["23505", "42P01", "42501", "22P02"] {
+            assert!(!sqlstate_unavailable(code), "{code}");
+        }
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_unavailable());
+        assert!(
+            StoreError::Database(sqlx::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused
+            )))
+            .is_unavailable()
+        );
+        assert!(!StoreError::Conflict.is_unavailable());
+    }
 }

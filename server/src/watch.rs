@@ -179,8 +179,14 @@ impl PeerFeed {
     }
 }
 
+/// LISTEN on a connection of its own, outside the request pool: a pool
+/// drained by a burst of calls must not also cut the topology feed.
 async fn listen(store: &Store) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(store.pool()).await?;
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with((*store.pool().connect_options()).clone());
+    let mut listener = PgListener::connect_with(&own).await?;
     listener.listen(TOPOLOGY_CHANNEL).await?;
     Ok(listener)
 }

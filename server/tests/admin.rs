@@ -122,9 +122,11 @@ async fn delete_node_releases_its_addresses_and_withdraws_the_peer(pool: PgPool)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    // The freed block is reused by the next new node; node-b keeps its own.
-    assert_eq!(ts.register("node-c", 3).await.block, "10.244.0.0/24");
+    // The freed block is quarantined (its agent may still run pods): a new
+    // node gets another one, node-b keeps its own, node-a gets its back.
+    assert_eq!(ts.register("node-c", 3).await.block, "10.244.2.0/24");
     assert_eq!(ts.register("node-b", 2).await.block, "10.244.1.0/24");
+    assert_eq!(ts.register("node-a", 1).await.block, "10.244.0.0/24");
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
@@ -278,6 +280,17 @@ async fn history_of_an_address_and_of_a_container_is_time_ordered(pool: PgPool) 
         pb::HistoryRequest {
             address: "10.244.0.2".into(),
             container_id: "c0".into(),
+            ..Default::default()
+        },
+        pb::HistoryRequest {
+            address: "10.244.0.2".into(),
+            page_token: "garbage".into(),
+            ..Default::default()
+        },
+        pb::HistoryRequest {
+            address: "10.244.0.2".into(),
+            page_size: 10_001,
+            ..Default::default()
         },
         pb::HistoryRequest {
             address: "nope".into(),

@@ -361,14 +361,31 @@ async fn a_node_may_hold_only_a_few_watch_streams(pool: PgPool) {
 async fn an_oversized_request_is_rejected_and_the_server_keeps_serving(pool: PgPool) {
     let ts = start(pool).await;
     ts.register("node-a", 1).await;
-    let mut req = allocate_req("node-a", "c1", "eth0");
-    req.pod_name = "x".repeat(5 << 20);
-    let err = ts.ipam().allocate(req).await.unwrap_err();
-    assert_ne!(err.code(), tonic::Code::Ok);
+    ts.allocate("node-a", "c1").await.unwrap();
+    // Every field valid: the most attachments Gc takes, each with the
+    // longest container id, is over the 4 MiB decoding limit. Only the
+    // size limit can refuse it.
+    let gc = |n: usize| weft_proto::v1::GcRequest {
+        node_name: "node-a".into(),
+        valid: (0..n)
+            .map(|i| weft_proto::v1::Attachment {
+                container_id: format!("{i:0>256}"),
+                ifname: "eth0".into(),
+            })
+            .collect(),
+    };
+    let big = gc(weft_server::grpc::MAX_GC_ATTACHMENTS);
+    assert!(weft_server::grpc::MAX_GC_ATTACHMENTS * (256 + 4) > 4 << 20);
+    let mut ipam = ts.ipam().max_encoding_message_size(64 << 20);
+    let err = ipam.gc(big).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    // Nothing was collected, and the same request below the limit is served.
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations")
         .fetch_one(&ts.pool)
         .await
         .unwrap();
-    assert_eq!(count, 0);
+    assert_eq!(count, 1);
+    let released = ipam.gc(gc(1000)).await.unwrap().into_inner().released;
+    assert_eq!(released.len(), 1, "c1 is not in the valid list");
     ts.allocate("node-a", "c2").await.unwrap();
 }

@@ -155,13 +155,9 @@ impl CniService {
             .netns
             .clone()
             .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is not set"))?;
-        // Fail before allocating when the namespace is not there at all.
-        if !netns.exists() {
-            return Err(CniError::new(
-                Code::Netns,
-                format!("network namespace {} does not exist", netns.display()),
-            ));
-        }
+        // Fail before allocating when the namespace is not there at all,
+        // or is a file the agent cannot enter.
+        pod::check_netns(&netns)?;
         let alloc = self
             .ipam()
             .allocate(with_timeout(

@@ -115,6 +115,50 @@ pub struct PodSide {
     pub default_gateway: Option<Ipv4Addr>,
 }
 
+/// Fails unless `netns` is a network namespace this process can see. A
+/// bind mount made in another mount namespace after the agent started (or
+/// under a path without shared propagation) shows up here as the empty file
+/// it was mounted over, and setns() on that would fail late and obscurely.
+pub fn check_netns(netns: &Path) -> Result<(), CniError> {
+    let not_here = |what: String| {
+        CniError::new(
+            Code::Netns,
+            format!(
+                "CNI_NETNS {} is {what}, not a network namespace the agent can see; \
+                 if the runtime mounted it, the mount did not propagate into the agent's \
+                 mount namespace (mount /run/netns into the agent with HostToContainer \
+                 propagation, see docs/troubleshooting.md)",
+                netns.display()
+            ),
+        )
+    };
+    let stat = match nix::sys::statfs::statfs(netns) {
+        Ok(stat) => stat,
+        Err(nix::errno::Errno::ENOENT) => {
+            return Err(CniError::new(
+                Code::Netns,
+                format!("network namespace {} does not exist", netns.display()),
+            ));
+        }
+        Err(e) => {
+            return Err(CniError::new(
+                Code::Netns,
+                format!("cannot inspect network namespace {}", netns.display()),
+            )
+            .with_details(e.to_string()));
+        }
+    };
+    if stat.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        let kind = match std::fs::metadata(netns) {
+            Ok(m) if m.is_file() && m.len() == 0 => "an empty file".to_owned(),
+            Ok(m) if m.is_dir() => "a directory".to_owned(),
+            _ => "not on nsfs".to_owned(),
+        };
+        return Err(not_here(kind));
+    }
+    Ok(())
+}
+
 /// Runs `work` with a netlink handle inside the namespace at `netns`.
 async fn in_netns<T: Send + 'static>(
     netns: &Path,

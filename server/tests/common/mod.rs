@@ -33,6 +33,8 @@ pub fn settings() -> ServerSettings {
         // In-process API tests run plaintext on purpose; tests/security.rs
         // covers mutual TLS.
         tls: None,
+        block_quarantine: weft_server::store::DEFAULT_QUARANTINE,
+        keepalive: weft_server::Keepalive::default(),
     }
 }
 
@@ -40,10 +42,27 @@ pub async fn start(pool: PgPool) -> TestServer {
     start_with(pool, settings()).await
 }
 
+/// The serving role of the two-role set-up (scripts/pg.sh creates it): the
+/// server under test reads and writes as `weft`, never as the owner that
+/// `#[sqlx::test]` migrated with.
+pub const SERVING_ROLE: &str = "weft";
+
+/// A pool on the same database as `owner`, logged in as the serving role.
+pub async fn serving_pool(owner: &PgPool) -> PgPool {
+    let options = (*owner.connect_options()).clone().username(SERVING_ROLE);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .expect("connecting as the serving role `weft` (scripts/pg.sh creates it)")
+}
+
 pub async fn start_with(pool: PgPool, settings: ServerSettings) -> TestServer {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = RunningServer::start(settings, pool.clone(), grpc, metrics)
+    let serving = serving_pool(&pool).await;
+    let server = RunningServer::start(settings, serving, grpc, metrics)
         .await
         .unwrap();
     let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))

@@ -1,0 +1,511 @@
+//! Issue 12's server defects, each tried the way it would be broken: a
+//! second connection holding the lock Allocate relies on, a node claiming
+//! another's tunnel endpoint, connections that die without a FIN, a burst
+//! from one node, a serving role trying to rewrite the audit log, replicas
+//! with different layouts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use common::*;
+use sqlx::PgPool;
+use tokio::net::{TcpListener, TcpStream};
+use tonic::{Code, transport::Channel};
+use weft_proto::v1::{self as pb, topology_client::TopologyClient};
+use weft_server::{
+    Keepalive, RunningServer,
+    grpc::{MAX_CALLS_PER_NODE, MAX_STREAMS_PER_NODE},
+    store::MIGRATOR,
+};
+
+/// Waits until some other backend waits on a lock.
+async fn wait_for_lock_waiter(pool: &PgPool) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no call queued on the lock within 5 s");
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn allocate_queued_behind_a_release_answers_from_the_table(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    ts.register("node-a", 1).await;
+    let first = ts.allocate("node-a", "c1").await.unwrap().address;
+
+    // A second connection does what Release/Gc do: holds the node row and
+    // deletes the attachment's allocation, then commits while Allocate for
+    // the same attachment waits on the row.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM nodes WHERE name = 'node-a' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM allocations WHERE container_id = 'c1'")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut ipam = ts.ipam();
+    let call =
+        tokio::spawn(async move { ipam.allocate(allocate_req("node-a", "c1", "eth0")).await });
+    wait_for_lock_waiter(&pool).await;
+    holder.commit().await.unwrap();
+    let answer = call.await.unwrap().unwrap().into_inner().address;
+
+    let held: Vec<String> = sqlx::query_scalar(
+        "SELECT host(address) || '/24' FROM allocations WHERE container_id = 'c1'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        held,
+        std::slice::from_ref(&answer),
+        "Allocate answered {answer} (first {first}); the table holds {held:?}"
+    );
+    assert_ne!(
+        answer, first,
+        "round-robin: the released address is not reused at once"
+    );
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_node_cannot_claim_another_nodes_vtep_mac_or_underlay(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    ts.register("node-a", 1).await;
+    ts.register("node-b", 2).await;
+    for (req, field) in [
+        // node-b asks for node-a's MAC, then node-a's underlay address.
+        (register_req("node-b", 2, 1), "vtep_mac"),
+        (register_req("node-b", 1, 2), "underlay_ip"),
+        // A new node with node-a's endpoint.
+        (register_req("node-c", 3, 1), "vtep_mac"),
+        (register_req("node-c", 1, 3), "underlay_ip"),
+    ] {
+        let err = ts.topology().register_node(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{req:?}: {err:?}");
+        assert!(
+            err.message().contains(field) && err.message().contains("node-a"),
+            "{}",
+            err.message()
+        );
+    }
+    let nodes: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT name, host(underlay_ip), vtep_mac::text FROM nodes ORDER BY name")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        nodes,
+        [
+            (
+                "node-a".into(),
+                "198.51.100.1".into(),
+                "02:00:00:00:00:01".into()
+            ),
+            (
+                "node-b".into(),
+                "198.51.100.2".into(),
+                "02:00:00:00:00:02".into()
+            ),
+        ]
+    );
+    let denied: Vec<(String, String)> = sqlx::query_as(
+        "SELECT node_name, detail FROM audit_log WHERE action = 'denied' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(denied.len(), 4, "{denied:?}");
+    assert!(denied.iter().all(|(_, d)| d.starts_with("RegisterNode")));
+
+    // The schema refuses it too, whatever the server does.
+    let err = sqlx::query("UPDATE nodes SET vtep_mac = '02:00:00:00:00:01' WHERE name = 'node-b'")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_database_error().unwrap().code().as_deref(),
+        Some("23505")
+    );
+}
+
+/// Copies `r` to `w` until `blackhole` is set; from then on it swallows
+/// everything and never closes: a peer gone without a FIN.
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    blackhole: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !blackhole.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// A TCP forwarder to `target` that can be turned into a black hole.
+async fn blackhole_proxy(target: std::net::SocketAddr, blackhole: Arc<AtomicBool>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = TcpStream::connect(target).await.unwrap();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pump(cr, sw, blackhole.clone()));
+            tokio::spawn(pump(sr, cw, blackhole.clone()));
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn watch_slots_of_connections_dropped_without_fin_come_back(pool: PgPool) {
+    let mut settings = settings();
+    settings.keepalive = Keepalive {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+    };
+    let ts = start_with(pool, settings).await;
+    ts.register("node-a", 1).await;
+
+    let blackhole = Arc::new(AtomicBool::new(false));
+    let via = blackhole_proxy(ts.server.grpc_addr, blackhole.clone()).await;
+    // A client without keepalive of its own, as a crashed agent would be.
+    let mut streams = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_NODE {
+        let channel = Channel::from_shared(via.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut stream = TopologyClient::new(channel)
+            .watch_peers(pb::WatchPeersRequest {
+                node_name: "node-a".into(),
+                since_revision: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        next_event(&mut stream).await;
+        streams.push(stream);
+    }
+    let watch = || async {
+        ts.topology()
+            .watch_peers(pb::WatchPeersRequest {
+                node_name: "node-a".into(),
+                since_revision: 0,
+            })
+            .await
+    };
+    assert_eq!(
+        watch().await.unwrap_err().code(),
+        Code::ResourceExhausted,
+        "all slots are held"
+    );
+    blackhole.store(true, Ordering::SeqCst);
+
+    // The server's PINGs go unanswered; it drops those connections and
+    // their slots. Nothing else would: the watchers have nothing to send.
+    let mut last = None;
+    for _ in 0..150 {
+        match watch().await {
+            Ok(_) => return,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("slots not given back within 15 s: {last:?}");
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_deleted_nodes_block_is_quarantined_then_freed(pool: PgPool) {
+    let mut settings = settings();
+    settings.block_quarantine = Duration::from_secs(2);
+    let ts = start_with(pool, settings).await;
+    ts.register("node-a", 1).await;
+    ts.register("node-b", 2).await;
+    ts.admin()
+        .delete_node(pb::DeleteNodeRequest {
+            name: "node-a".into(),
+        })
+        .await
+        .unwrap();
+    // node-a's agent may still wire pods in 10.244.0.0/24.
+    assert_eq!(ts.register("node-c", 3).await.block, "10.244.2.0/24");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(ts.register("node-d", 4).await.block, "10.244.0.0/24");
+    // node-a comes back later: the block is gone, it gets a fresh one.
+    assert_eq!(ts.register("node-a", 1).await.block, "10.244.3.0/24");
+}
+
+/// SQLSTATE of a statement run as `pool`'s role.
+async fn sqlstate(pool: &PgPool, sql: &'static str) -> Option<String> {
+    match sqlx::query(sql).execute(pool).await {
+        Ok(_) => None,
+        Err(e) => Some(
+            e.as_database_error()
+                .and_then(|d| d.code().map(|c| c.into_owned()))
+                .unwrap_or_else(|| e.to_string()),
+        ),
+    }
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_serving_role_may_only_read_and_append_the_audit_log(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    ts.register("node-a", 1).await;
+    let serving = serving_pool(&pool).await;
+    let role: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&serving)
+        .await
+        .unwrap();
+    assert_eq!(role, SERVING_ROLE);
+    assert_eq!(
+        sqlstate(
+            &serving,
+            "INSERT INTO audit_log (action, actor, node_name) VALUES ('denied', 't', 'n')"
+        )
+        .await,
+        None
+    );
+    assert_eq!(
+        sqlstate(&serving, "SELECT count(*) FROM audit_log").await,
+        None
+    );
+    for sql in [
+        "DELETE FROM audit_log",
+        "UPDATE audit_log SET actor = 'someone else'",
+        "TRUNCATE audit_log",
+        "DROP TRIGGER audit_log_append_only ON audit_log",
+        "ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only",
+        "DROP TABLE audit_log",
+        "ALTER TABLE nodes DROP CONSTRAINT nodes_vtep_mac_key",
+    ] {
+        assert_eq!(
+            sqlstate(&serving, sql).await.as_deref(),
+            Some("42501"),
+            "{sql} must be refused for the serving role"
+        );
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "node_register and the appended row");
+
+    // The owner archives old rows as docs/operations.md says.
+    let mut tx = pool.begin().await.unwrap();
+    for sql in [
+        "ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only",
+        "DELETE FROM audit_log WHERE action = 'denied'",
+        "ALTER TABLE audit_log ENABLE TRIGGER audit_log_append_only",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(ts.audit_count("denied").await, 0);
+    assert_eq!(ts.audit_count("node_register").await, 1);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_replica_with_another_layout_refuses_to_serve(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    ts.register("node-a", 1).await;
+    for (cidr, prefix) in [
+        ("10.244.0.0/16", 25),
+        ("10.245.0.0/16", 24),
+        ("10.244.0.0/15", 24),
+    ] {
+        let mut other = settings();
+        other.layout = layout(cidr, prefix);
+        let err = RunningServer::start(
+            other,
+            serving_pool(&pool).await,
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("10.244.0.0/16 with /24"),
+            "{cidr} /{prefix}: {err}"
+        );
+    }
+    // Without any node yet the layout is still the first server's.
+    let stored: (String, i32) =
+        sqlx::query_as("SELECT cluster_cidr::text, node_prefix_len FROM cluster_layout")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, ("10.244.0.0/16".into(), 24));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_schema_refuses_overlapping_blocks_and_prefix_allocations(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    ts.register("node-a", 1).await;
+    let code = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlstate(&pool, sql).await }
+    };
+    assert_eq!(
+        code(
+            "INSERT INTO nodes (name, underlay_ip, vtep_mac, block_index, block)
+             VALUES ('x', '198.51.100.9', '02:00:00:00:00:09', 99, '10.244.0.128/25')"
+        )
+        .await
+        .as_deref(),
+        Some("23P01"),
+        "overlapping block"
+    );
+    assert_eq!(
+        code(
+            "INSERT INTO allocations (address, node_name, container_id, ifname)
+             VALUES ('10.244.0.9/24', 'node-a', 'c', 'eth0')"
+        )
+        .await
+        .as_deref(),
+        Some("23514"),
+        "a prefix, not a host address"
+    );
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn history_is_paged(pool: PgPool) {
+    let ts = start(pool).await;
+    ts.register("node-a", 1).await;
+    // 13 entries for one container id: allocate/release pairs and more.
+    for _ in 0..6 {
+        ts.allocate("node-a", "c1").await.unwrap();
+        ts.ipam()
+            .release(pb::ReleaseRequest {
+                node_name: "node-a".into(),
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            })
+            .await
+            .unwrap();
+    }
+    ts.allocate("node-a", "c1").await.unwrap();
+    let mut token = String::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = ts
+            .admin()
+            .history(pb::HistoryRequest {
+                container_id: "c1".into(),
+                page_size: 5,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.entries.len());
+        let ids: Vec<u64> = page.entries.iter().map(|e| e.id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, [5, 5, 3]);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_watcher_far_behind_gets_a_snapshot_not_the_whole_replay(pool: PgPool) {
+    let ts = start(pool).await;
+    ts.register("node-a", 1).await;
+    let behind = ts.register("node-b", 2).await.revision;
+    // More changes than one replay carries (store::MAX_REPLAY).
+    for i in 0..(weft_server::store::MAX_REPLAY + 10) {
+        let mac = if i % 2 == 0 { 0x22 } else { 2 };
+        ts.topology()
+            .register_node(register_req("node-b", 2, mac))
+            .await
+            .unwrap();
+    }
+    let mut stream = watch(&ts, "node-a", behind).await;
+    let first = next_event(&mut stream).await;
+    assert!(
+        matches!(first.event, Some(pb::peer_event::Event::Snapshot(_))),
+        "{first:?}"
+    );
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn one_nodes_burst_leaves_connections_for_the_others(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    ts.register("node-a", 1).await;
+    ts.register("node-b", 2).await;
+    // node-a's calls all queue on its row, as if its transactions were slow.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM nodes WHERE name = 'node-a' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let burst: Vec<_> = (0..32)
+        .map(|i| {
+            let mut ipam = ts.ipam();
+            tokio::spawn(async move {
+                ipam.allocate(allocate_req("node-a", &format!("burst-{i}"), "eth0"))
+                    .await
+            })
+        })
+        .collect();
+    wait_for_lock_waiter(&pool).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        waiting as usize <= MAX_CALLS_PER_NODE,
+        "{waiting} connections wait for node-a's row"
+    );
+    // node-b is served while node-a's burst is stuck.
+    let b = tokio::time::timeout(Duration::from_secs(10), ts.allocate("node-b", "b1"))
+        .await
+        .expect("node-b's Allocate hung");
+    assert!(b.is_ok(), "{b:?}");
+    holder.commit().await.unwrap();
+    for call in burst {
+        call.await.unwrap().unwrap();
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(DISTINCT address) FROM allocations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 33);
+}
