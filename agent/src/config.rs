@@ -49,6 +49,12 @@ pub struct Cli {
     #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
 
+    /// Node-local state that must survive restarts while the server is
+    /// away: the node's assignment and releases not yet reported (a hostPath
+    /// in the DaemonSet).
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    pub state_dir: PathBuf,
+
     /// Prometheus /metrics and /healthz listen address.
     #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:7402")]
     pub metrics_listen: String,
@@ -114,6 +120,7 @@ pub struct Config {
     pub underlay_mtu: Option<u32>,
     pub socket: PathBuf,
     pub cni_conf_dir: PathBuf,
+    pub state_dir: PathBuf,
     pub metrics_listen: SocketAddr,
     pub heartbeat_seconds: u64,
     pub log_format: LogFormat,
@@ -237,6 +244,12 @@ impl Config {
                 cli.socket.display()
             ));
         }
+        if !cli.state_dir.is_absolute() {
+            errors.0.push(format!(
+                "--state-dir/WEFT_STATE_DIR: {} is not an absolute path",
+                cli.state_dir.display()
+            ));
+        }
         if !cli.cni_conf_dir.is_absolute() {
             errors.0.push(format!(
                 "--cni-conf-dir/WEFT_CNI_CONF_DIR: {} is not an absolute path",
@@ -291,6 +304,7 @@ impl Config {
                     underlay_mtu,
                     socket: cli.socket,
                     cni_conf_dir: cli.cni_conf_dir,
+                    state_dir: cli.state_dir,
                     metrics_listen,
                     heartbeat_seconds,
                     log_format: cli.log_format,

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod peers;
 pub mod reconcile;
+pub mod state;
 pub mod sync;
 
 use std::{net::Ipv4Addr, sync::Arc, time::Duration};
@@ -44,6 +45,8 @@ use crate::{
 
 /// Bound on every unary call to the server.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often journalled releases are retried while the server is away.
+const RELEASE_RETRY: Duration = Duration::from_secs(1);
 
 /// What the server assigned to this node.
 #[derive(Debug, Clone)]
@@ -102,6 +105,7 @@ async fn server_channel(config: &Config) -> anyhow::Result<Channel> {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(Duration::from_secs(10)))
     };
     let tls = match &config.tls {
         Some(files) => {
@@ -239,7 +243,10 @@ async fn register(
             Err(s)
                 if matches!(
                     s.code(),
-                    Code::InvalidArgument | Code::ResourceExhausted | Code::PermissionDenied
+                    Code::InvalidArgument
+                        | Code::ResourceExhausted
+                        | Code::PermissionDenied
+                        | Code::AlreadyExists
                 ) =>
             {
                 bail!(
@@ -305,6 +312,7 @@ async fn heartbeats(
     mut client: TopologyClient<Channel>,
     node: String,
     every: Duration,
+    phase: watch::Sender<cni::NodePhase>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -321,9 +329,19 @@ async fn heartbeats(
         match client.heartbeat(request).await {
             Ok(_) => {}
             // Deleted by an operator: re-registering on our own would undo
-            // the deletion, so say so and leave it to them.
+            // the deletion, so stop wiring new pods (the block is
+            // quarantined for the pods still here) and leave it to them.
             Err(s) if s.code() == Code::NotFound => {
-                error!(%node, "this node was deleted from weft-server; restart the agent to register it again")
+                let fenced = phase.send_if_modified(|p| match *p {
+                    cni::NodePhase::Ready { mtu } => {
+                        *p = cni::NodePhase::Fenced { mtu };
+                        true
+                    }
+                    _ => false,
+                });
+                if fenced {
+                    error!(%node, "this node was deleted from weft-server; no new pods are wired here; restart the agent to register it again");
+                }
             }
             Err(s) => warn!(code = ?s.code(), message = s.message(), "heartbeat failed"),
         }
@@ -433,6 +451,35 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
 
     let channel = server_channel(&config).await?;
     let mut client = TopologyClient::new(channel.clone());
+
+    // CNI is served before registration: DEL and CHECK of pods already on
+    // the node must not wait for a server that may be away.
+    let state = state::StateDir::open(&config.state_dir)?;
+    let saved = match state.load_node() {
+        Ok(saved) => saved.filter(|s| s.node_name == node),
+        Err(e) => {
+            warn!(error = %e, "ignoring the saved node state");
+            None
+        }
+    };
+    let journal = Arc::new(state::ReleaseJournal::open(state)?);
+    let pending = journal.pending().len();
+    if pending > 0 {
+        info!(pending, "releases from an earlier run wait for weft-server");
+    }
+    let (phase_tx, phase) = watch::channel(cni::NodePhase::Starting {
+        mtu: saved.as_ref().map(|s| s.mtu),
+    });
+    let service = cni::CniService::new(
+        node.clone(),
+        phase,
+        channel.clone(),
+        cni::pod::PodNetwork::new(dp.handle()),
+        journal.clone(),
+    );
+    let cni_task = serve_cni(&config.socket, service.clone(), stop.clone()).await?;
+    let flusher = tokio::spawn(service.flush_releases(RELEASE_RETRY, stop.clone()));
+
     let mut stop_reg = stop.clone();
     let Some(assignment) = register(&mut client, &node, underlay.ip, mac, &mut stop_reg).await?
     else {
@@ -440,23 +487,20 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     };
     let mtu = build_datapath(dp.as_ref(), &underlay, mac, &assignment).await?;
     info!(block = %assignment.block, gateway = %assignment.gateway, vni = assignment.vni, mtu, "node registered and datapath ready");
-
-    let cni_task = serve_cni(
-        &config.socket,
-        cni::CniService::new(
-            node.clone(),
-            mtu,
-            channel.clone(),
-            cni::pod::PodNetwork::new(dp.handle()),
-        ),
-        stop.clone(),
-    )
-    .await?;
+    if let Err(e) = journal.dir().save_node(&state::SavedNode {
+        node_name: node.clone(),
+        block: assignment.block.to_string(),
+        mtu,
+    }) {
+        warn!(error = %e, "cannot save the node state; CHECK during a later outage skips the MTU");
+    }
+    phase_tx.send_replace(cni::NodePhase::Ready { mtu });
 
     let heartbeat = tokio::spawn(heartbeats(
         client.clone(),
         node.clone(),
         Duration::from_secs(config.heartbeat_seconds),
+        phase_tx,
         stop.clone(),
     ));
     let (synced_tx, mut synced) = watch::channel(false);
@@ -465,6 +509,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
             datapath: dp.clone(),
             client,
             node: node.clone(),
+            own_block: assignment.block,
             metrics: metrics.clone(),
         }
         .run(synced_tx, stop.clone()),
@@ -483,7 +528,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
 
     let mut stop_wait = stop.clone();
     let _ = stop_wait.wait_for(|s| *s).await;
-    for task in [sync, heartbeat, metrics_task, cni_task] {
+    for task in [sync, heartbeat, metrics_task, cni_task, flusher] {
         if tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .is_err()

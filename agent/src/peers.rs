@@ -190,14 +190,97 @@ pub fn plan(current: &BTreeSet<Entry>, desired: &BTreeSet<Entry>) -> Plan {
 }
 
 /// The peers a node knows, keyed by node name, with the revision they are
-/// current at.
+/// current at. A peer that claims another peer's VTEP MAC or underlay
+/// address, or a block overlapping another's or this node's own, is refused:
+/// programming it would point the other node's FDB entry (or this node's
+/// own `weft0` route) at the claimant. The peer that held the claim first
+/// keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerSet {
     peers: BTreeMap<String, Peer>,
+    by_mac: BTreeMap<MacAddr, String>,
+    by_underlay: BTreeMap<Ipv4Addr, String>,
+    /// Block network address → (block, node).
+    by_block: BTreeMap<Ipv4Addr, (Ipv4Net, String)>,
+    own_block: Option<Ipv4Net>,
     revision: u64,
 }
 
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
 impl PeerSet {
+    /// A set for a node whose own pod block is `block`.
+    pub fn with_own_block(block: Ipv4Net) -> Self {
+        Self {
+            own_block: Some(block.trunc()),
+            ..Self::default()
+        }
+    }
+
+    /// Why `peer` may not join the set as it is, if it may not.
+    fn conflict(&self, peer: &Peer) -> Option<String> {
+        if let Some(own) = self.own_block
+            && overlaps(&own, &peer.block)
+        {
+            return Some(format!(
+                "its block {} overlaps this node's own block {own}",
+                peer.block
+            ));
+        }
+        if let Some(holder) = self.by_mac.get(&peer.vtep_mac) {
+            return Some(format!(
+                "VTEP MAC {} belongs to node {holder}",
+                peer.vtep_mac
+            ));
+        }
+        if let Some(holder) = self.by_underlay.get(&peer.underlay_ip) {
+            return Some(format!(
+                "underlay address {} belongs to node {holder}",
+                peer.underlay_ip
+            ));
+        }
+        let below = self.by_block.range(..=peer.block.network()).next_back();
+        let inside = self
+            .by_block
+            .range(peer.block.network()..=peer.block.broadcast())
+            .next();
+        for (_, (block, holder)) in below.into_iter().chain(inside) {
+            if overlaps(block, &peer.block) {
+                return Some(format!(
+                    "its block {} overlaps node {holder}'s block {block}",
+                    peer.block
+                ));
+            }
+        }
+        None
+    }
+
+    fn insert(&mut self, peer: Peer) -> Result<(), BadPeer> {
+        if let Some(reason) = self.conflict(&peer) {
+            return Err(BadPeer {
+                node: peer.node_name,
+                reason: format!("refused: {reason}"),
+            });
+        }
+        self.by_mac.insert(peer.vtep_mac, peer.node_name.clone());
+        self.by_underlay
+            .insert(peer.underlay_ip, peer.node_name.clone());
+        self.by_block
+            .insert(peer.block.network(), (peer.block, peer.node_name.clone()));
+        self.peers.insert(peer.node_name.clone(), peer);
+        Ok(())
+    }
+
+    fn take(&mut self, node_name: &str) -> Option<Peer> {
+        let peer = self.peers.remove(node_name)?;
+        self.by_mac.remove(&peer.vtep_mac);
+        self.by_underlay.remove(&peer.underlay_ip);
+        self.by_block.remove(&peer.block.network());
+        Some(peer)
+    }
+
     pub fn revision(&self) -> u64 {
         self.revision
     }
@@ -214,25 +297,41 @@ impl PeerSet {
         self.peers.values()
     }
 
-    /// Replaces everything with a snapshot; `own` is never kept.
-    pub fn reset(&mut self, revision: u64, peers: Vec<Peer>, own: &str) {
-        self.peers = peers
+    /// Replaces everything with a snapshot; `own` is never kept. Peers
+    /// known before with the same endpoint go first, so an incumbent keeps
+    /// its claim against a newcomer; the refused are returned.
+    pub fn reset(&mut self, revision: u64, peers: Vec<Peer>, own: &str) -> Vec<BadPeer> {
+        let old = std::mem::take(&mut self.peers);
+        *self = Self {
+            own_block: self.own_block,
+            ..Self::default()
+        };
+        let (incumbents, newcomers): (Vec<Peer>, Vec<Peer>) = peers
             .into_iter()
             .filter(|p| p.node_name != own)
-            .map(|p| (p.node_name.clone(), p))
+            .partition(|p| old.get(&p.node_name) == Some(p));
+        let refused = incumbents
+            .into_iter()
+            .chain(newcomers)
+            .filter_map(|p| self.insert(p).err())
             .collect();
         self.revision = revision;
+        refused
     }
 
-    pub fn upsert(&mut self, revision: u64, peer: Peer, own: &str) {
-        if peer.node_name != own {
-            self.peers.insert(peer.node_name.clone(), peer);
-        }
+    /// Adds or changes a peer. A refused change withdraws the peer
+    /// altogether: better no tunnel to it than a wrong one.
+    pub fn upsert(&mut self, revision: u64, peer: Peer, own: &str) -> Result<(), BadPeer> {
         self.revision = revision;
+        if peer.node_name == own {
+            return Ok(());
+        }
+        self.take(&peer.node_name);
+        self.insert(peer)
     }
 
     pub fn remove(&mut self, revision: u64, node_name: &str) {
-        self.peers.remove(node_name);
+        self.take(node_name);
         self.revision = revision;
     }
 }
@@ -345,11 +444,14 @@ mod tests {
     #[test]
     fn the_peer_set_follows_snapshots_and_changes_and_skips_itself() {
         let mut set = PeerSet::default();
-        set.reset(5, vec![peer("a", 1, 1), peer("b", 2, 2)], "a");
+        assert!(
+            set.reset(5, vec![peer("a", 1, 1), peer("b", 2, 2)], "a")
+                .is_empty()
+        );
         assert_eq!(set.len(), 1);
-        set.upsert(6, peer("c", 3, 3), "a");
-        set.upsert(7, peer("a", 1, 0x11), "a");
-        set.upsert(8, peer("b", 2, 0x22), "a");
+        set.upsert(6, peer("c", 3, 3), "a").unwrap();
+        set.upsert(7, peer("a", 1, 0x11), "a").unwrap();
+        set.upsert(8, peer("b", 2, 0x22), "a").unwrap();
         set.remove(9, "c");
         assert_eq!(set.revision(), 9);
         let names: Vec<&str> = set.peers().map(|p| p.node_name.as_str()).collect();
@@ -358,6 +460,71 @@ mod tests {
             set.peers().next().unwrap().vtep_mac.to_string(),
             "02:00:00:00:00:22"
         );
+    }
+
+    #[test]
+    fn a_second_claim_on_a_mac_underlay_or_block_is_refused_and_the_first_kept() {
+        let mut set = PeerSet::with_own_block("10.244.9.0/24".parse().unwrap());
+        set.upsert(1, peer("b", 2, 2), "me").unwrap();
+        // c claims b's MAC, then b's underlay address, then b's block.
+        let mut mac_thief = peer("c", 3, 2);
+        let err = set.upsert(2, mac_thief.clone(), "me").unwrap_err();
+        assert!(
+            err.reason
+                .contains("VTEP MAC 02:00:00:00:00:02 belongs to node b"),
+            "{err}"
+        );
+        mac_thief.vtep_mac = "02:00:00:00:00:03".parse().unwrap();
+        mac_thief.underlay_ip = "198.51.100.2".parse().unwrap();
+        assert!(
+            set.upsert(3, mac_thief, "me")
+                .unwrap_err()
+                .reason
+                .contains("underlay")
+        );
+        let mut block_thief = peer("c", 3, 3);
+        block_thief.block = "10.244.2.128/25".parse().unwrap();
+        assert!(
+            set.upsert(4, block_thief, "me")
+                .unwrap_err()
+                .reason
+                .contains("overlaps node b")
+        );
+        // A peer with this node's own block would replace the weft0 route.
+        let own = Peer::parse("d", "198.51.100.4", "02:00:00:00:00:04", "10.244.9.0/24").unwrap();
+        assert!(
+            set.upsert(5, own, "me")
+                .unwrap_err()
+                .reason
+                .contains("own block")
+        );
+        let names: Vec<&str> = set.peers().map(|p| p.node_name.as_str()).collect();
+        assert_eq!(names, ["b"]);
+        let e: Vec<String> = desired_entries(set.peers())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            e.iter()
+                .all(|e| !e.contains("198.51.100.3") && !e.contains("10.244.9."))
+        );
+        // A legitimate peer still joins, and b may move its own endpoint.
+        set.upsert(6, peer("c", 3, 3), "me").unwrap();
+        set.upsert(7, peer("b", 2, 0x22), "me").unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.revision(), 7);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_incumbent_against_a_newcomer_with_its_mac() {
+        let mut set = PeerSet::default();
+        set.upsert(1, peer("z", 2, 2), "me").unwrap();
+        // "a" sorts first, but "z" held the MAC before the snapshot.
+        let refused = set.reset(5, vec![peer("a", 3, 2), peer("z", 2, 2)], "me");
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].node, "a");
+        let names: Vec<&str> = set.peers().map(|p| p.node_name.as_str()).collect();
+        assert_eq!(names, ["z"]);
     }
 
     #[test]

@@ -77,10 +77,14 @@ pub fn apply_event(
                 .iter()
                 .filter_map(|p| peer_from(p).map_err(|e| bad.push(e)).ok())
                 .collect();
-            set.reset(event.revision, peers, own);
+            bad.extend(set.reset(event.revision, peers, own));
         }
         Some(Event::Upsert(p)) => match peer_from(p) {
-            Ok(peer) => set.upsert(event.revision, peer, own),
+            Ok(peer) => {
+                if let Err(e) = set.upsert(event.revision, peer, own) {
+                    bad.push(e);
+                }
+            }
             Err(e) => {
                 // Better no tunnel to that node than a wrong one.
                 set.remove(event.revision, &p.node_name);
@@ -98,6 +102,8 @@ pub struct PeerSync<D> {
     pub datapath: Arc<D>,
     pub client: TopologyClient<Channel>,
     pub node: String,
+    /// This node's block: no peer may claim it.
+    pub own_block: ipnet::Ipv4Net,
     pub metrics: AgentMetrics,
 }
 
@@ -105,7 +111,7 @@ impl<D: Datapath + 'static> PeerSync<D> {
     /// Runs until `stop` turns true. `synced` turns true after the first
     /// successful reconcile against the server's view.
     pub async fn run(mut self, synced: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
-        let mut set = PeerSet::default();
+        let mut set = PeerSet::with_own_block(self.own_block);
         let mut backoff = Backoff::default();
         let mut resync = tokio::time::interval(RESYNC_INTERVAL);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -139,7 +145,7 @@ impl<D: Datapath + 'static> PeerSync<D> {
                                     backoff.reset();
                                     if let Err(bad) = apply_event(&mut set, &event, &self.node) {
                                         for e in bad {
-                                            error!(error = %e, "ignoring a malformed peer");
+                                            error!(error = %e, "peer not programmed");
                                         }
                                     }
                                     self.metrics.peers.set(i64::try_from(set.len()).unwrap_or(i64::MAX));

@@ -278,7 +278,25 @@ fn tcp_across_nodes_runs_at_the_tunnel_mtu_without_fragmentation() {
     }
     let (c, b) = pods_on_two_nodes();
 
-    // 1450-byte packets with DF set fit; one byte more does not.
+    // A DF ping of exactly the pod MTU crosses the tunnel whole: the
+    // sending node creates no IP fragment and the receiving one reassembles
+    // none. Were the pod MTU not the underlay's minus the VXLAN overhead,
+    // the encapsulated packet would be fragmented on the underlay.
+    let mtu: u64 = in_ns_json(
+        &c.pod_ns_name("a"),
+        &["ip", "-j", "link", "show", "dev", "eth0"],
+    )[0]["mtu"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(mtu, 1450, "underlay 1500 - 50");
+    let ip_counter = |node: usize, name: &str| -> u64 {
+        let out = in_ns(&c.nodes[node], &["cat", "/proc/net/snmp"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+        let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+        let i = names.split_whitespace().position(|n| n == name).unwrap();
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    };
     let df = |size: &str| {
         Command::new("ip")
             .args([
@@ -302,13 +320,19 @@ fn tcp_across_nodes_runs_at_the_tunnel_mtu_without_fragmentation() {
             .unwrap()
             .success()
     };
-    assert!(
-        df("1422"),
-        "a full-MTU packet (1422 + 28 = 1450) crosses the tunnel"
-    );
-    assert!(
-        !df("1423"),
-        "a packet over the pod MTU is refused, not fragmented"
+    let (frags, reasm) = (ip_counter(0, "FragCreates"), ip_counter(1, "ReasmReqds"));
+    for _ in 0..5 {
+        assert!(
+            df(&(mtu - 28).to_string()),
+            "a full-MTU packet ({} + 28 = {mtu}) crosses the tunnel",
+            mtu - 28
+        );
+    }
+    assert_eq!(ip_counter(0, "FragCreates"), frags, "the sender fragmented");
+    assert_eq!(
+        ip_counter(1, "ReasmReqds"),
+        reasm,
+        "the receiver reassembled"
     );
 
     let bytes: u64 = 300 << 20;

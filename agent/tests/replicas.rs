@@ -142,10 +142,51 @@ fn agents_follow_changes_made_through_either_replica_and_survive_one_dying() {
             || converged(&c, n),
         );
     }
-    // Every change was applied once: no entry beyond the database's.
+    // Every change was applied once and right: each agent's routes,
+    // neighbours and FDB entries are exactly the database's other nodes.
     for n in 0..3 {
-        assert_eq!(c.neighbours_on_tunnel(n).len(), c.routes_on_tunnel(n).len());
+        let (want, have) = tunnel_entries(&c, n);
+        assert_eq!(have, want, "node{n}'s tunnel entries");
     }
+}
+
+/// Node `n`'s tunnel entries as the database implies them, and as the
+/// kernel holds them: "route BLOCK via VIA", "neigh VIA MAC", "fdb MAC DST".
+fn tunnel_entries(c: &Cluster, n: usize) -> (BTreeSet<String>, BTreeSet<String>) {
+    let own = format!("node{}", n + 1);
+    let mut want = BTreeSet::new();
+    for row in c.sql(&format!(
+        "SELECT block::text || ' ' || host(network(block)) || ' ' || vtep_mac::text || ' ' || host(underlay_ip)
+         FROM nodes WHERE name <> '{own}'"
+    )) {
+        let f: Vec<&str> = row.split(' ').collect();
+        want.insert(format!("route {} via {}", f[0], f[1]));
+        want.insert(format!("neigh {} {}", f[1], f[2]));
+        want.insert(format!("fdb {} {}", f[2], f[3]));
+    }
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    let mut have = BTreeSet::new();
+    for r in c.routes_on_tunnel(n) {
+        have.insert(format!(
+            "route {} via {}",
+            text(&r, "dst"),
+            text(&r, "gateway")
+        ));
+    }
+    for nb in c.neighbours_on_tunnel(n) {
+        have.insert(format!(
+            "neigh {} {}",
+            text(&nb, "dst"),
+            text(&nb, "lladdr")
+        ));
+    }
+    for f in c.fdb_on_tunnel(n) {
+        // The kernel's own all-zero default entry is not Weft's.
+        if f.get("dst").is_some() && text(&f, "mac") != "00:00:00:00:00:00" {
+            have.insert(format!("fdb {} {}", text(&f, "mac"), text(&f, "dst")));
+        }
+    }
+    (want, have)
 }
 
 #[test]

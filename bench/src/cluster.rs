@@ -149,6 +149,8 @@ impl Cluster {
                 .arg(self.socket(n))
                 .arg("--cni-conf-dir")
                 .arg(self.dir.join(format!("net.d-{n}")))
+                .arg("--state-dir")
+                .arg(self.dir.join(format!("state-{n}")))
                 .args([
                     "--metrics-listen",
                     &format!("198.51.100.{}:7402", n + 1),

@@ -1188,7 +1188,9 @@ mod tests {
 
     #[test]
     fn a_restarting_or_failing_over_database_is_unavailable_not_internal() {
-        for code in ["57P01", "57P02", "57P03", "08006", "08001", "53300", "25006"] {
+        for code in [
+            "57P01", "57P02", "57P03", "08006", "08001", "53300", "25006",
+        ] {
             assert!(sqlstate_unavailable(code), "{code}");
         }
         // A bug or a constraint is not something a retry fixes.

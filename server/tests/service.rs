@@ -375,7 +375,7 @@ async fn an_oversized_request_is_rejected_and_the_server_keeps_serving(pool: PgP
             .collect(),
     };
     let big = gc(weft_server::grpc::MAX_GC_ATTACHMENTS);
-    assert!(weft_server::grpc::MAX_GC_ATTACHMENTS * (256 + 4) > 4 << 20);
+    const { assert!(weft_server::grpc::MAX_GC_ATTACHMENTS * (256 + 4) > 4 << 20) };
     let mut ipam = ts.ipam().max_encoding_message_size(64 << 20);
     let err = ipam.gc(big).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");

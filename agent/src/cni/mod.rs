@@ -4,6 +4,12 @@
 //! requested version ([`result`]) or an error object ([`error`]).
 //! Requests for one (container, ifname) run one at a time; different
 //! attachments run concurrently.
+//!
+//! The service answers from the moment the agent starts, before the node
+//! is registered ([`NodePhase`]): DEL and CHECK need only the kernel and
+//! the state directory, so pods can be torn down during a server outage. A
+//! release the server cannot take is written to the [`ReleaseJournal`]
+//! and sent by [`CniService::flush_releases`] once the server answers.
 
 pub mod error;
 pub mod pod;
@@ -17,12 +23,15 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
+use tokio::sync::watch;
 use tonic::{Code as GrpcCode, Request, Response, Status, transport::Channel};
-use tracing::{info, instrument, warn};
+use tracing::{debug, error, info, instrument, warn};
 use weft_proto::{
     agent::v1::{ExecRequest, ExecResponse, cni_server::Cni},
     v1::{self as pb, ipam_client::IpamClient, topology_client::TopologyClient},
 };
+
+use crate::state::ReleaseJournal;
 
 use self::{
     error::{CniError, Code},
@@ -78,14 +87,57 @@ impl Drop for LockGuard<'_> {
     }
 }
 
+/// Where the node stands with weft-server, as the CNI service sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodePhase {
+    /// Not registered yet (the server may be away). DEL and CHECK are
+    /// served; ADD answers "try again later". `mtu` is the one saved by
+    /// the last run, if any.
+    Starting {
+        mtu: Option<u32>,
+    },
+    Ready {
+        mtu: u32,
+    },
+    /// The node was deleted from weft-server while this agent ran: no new
+    /// pods, DEL still served so the node drains.
+    Fenced {
+        mtu: u32,
+    },
+}
+
+impl NodePhase {
+    fn mtu(&self) -> Option<u32> {
+        match *self {
+            NodePhase::Starting { mtu } => mtu,
+            NodePhase::Ready { mtu } | NodePhase::Fenced { mtu } => Some(mtu),
+        }
+    }
+}
+
 /// What the CNI service needs from the rest of the agent.
 #[derive(Debug, Clone)]
 pub struct CniService {
     node: String,
-    mtu: u32,
+    phase: watch::Receiver<NodePhase>,
     channel: Channel,
     pods: PodNetwork,
     locks: Arc<AttachmentLocks>,
+    journal: Arc<ReleaseJournal>,
+}
+
+/// Whether a failed call may succeed later unchanged: the server (or its
+/// database) is away, not refusing the request.
+fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        GrpcCode::Unavailable
+            | GrpcCode::DeadlineExceeded
+            | GrpcCode::Cancelled
+            | GrpcCode::Unknown
+            | GrpcCode::Aborted
+            | GrpcCode::Internal
+    )
 }
 
 fn ipam_error(status: Status, what: &str) -> CniError {
@@ -110,13 +162,93 @@ fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {
 }
 
 impl CniService {
-    pub fn new(node: String, mtu: u32, channel: Channel, pods: PodNetwork) -> Self {
+    pub fn new(
+        node: String,
+        phase: watch::Receiver<NodePhase>,
+        channel: Channel,
+        pods: PodNetwork,
+        journal: Arc<ReleaseJournal>,
+    ) -> Self {
         Self {
             node,
-            mtu,
+            phase,
             channel,
             pods,
             locks: Arc::default(),
+            journal,
+        }
+    }
+
+    fn phase(&self) -> NodePhase {
+        *self.phase.borrow()
+    }
+
+    /// Sends journalled releases until `stop`: at once, after every
+    /// change of phase, and every `every` while any are pending. Each runs
+    /// under its attachment's lock, so it never races an ADD that wires the
+    /// attachment again.
+    pub async fn flush_releases(self, every: Duration, mut stop: watch::Receiver<bool>) {
+        let mut phase = self.phase.clone();
+        loop {
+            for pending in self.journal.pending() {
+                let _guard = self
+                    .locks
+                    .lock((pending.container_id.clone(), pending.ifname.clone()))
+                    .await;
+                if !self
+                    .journal
+                    .contains(&pending.container_id, &pending.ifname)
+                {
+                    continue;
+                }
+                match self
+                    .release_rpc(&pending.container_id, &pending.ifname)
+                    .await
+                {
+                    Ok(address) => {
+                        if let Err(e) = self.journal.remove(&pending.container_id, &pending.ifname)
+                        {
+                            error!(error = %e, "cannot update the release journal");
+                        }
+                        info!(container_id = %pending.container_id, ifname = %pending.ifname, address = address.as_deref().unwrap_or(""), queued_at = pending.at, "journalled release reported");
+                        if let Some(ip) = address {
+                            flush_conntrack(&ip).await;
+                        }
+                    }
+                    Err(status) if transient(&status) => {
+                        debug!(code = ?status.code(), message = status.message(), "server not taking releases yet");
+                        break;
+                    }
+                    Err(status) => {
+                        // The server will never take this one (a refused
+                        // identity, a malformed id): keeping it would retry
+                        // forever.
+                        error!(container_id = %pending.container_id, code = ?status.code(), message = status.message(), "journalled release refused; dropping it");
+                        if let Err(e) = self.journal.remove(&pending.container_id, &pending.ifname)
+                        {
+                            error!(error = %e, "cannot update the release journal");
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                () = crate::sync::stopped(&mut stop) => return,
+                _ = phase.changed() => {}
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Records a release for later; a journal that cannot be written is
+    /// logged (the address then waits for GC or an operator).
+    fn journal_release(&self, container_id: &str, ifname: &str, status: &Status) {
+        match self.journal.add(container_id, ifname) {
+            Ok(()) => {
+                warn!(code = ?status.code(), message = status.message(), "server unreachable; release journalled and sent when it answers")
+            }
+            Err(e) => {
+                error!(error = %e, code = ?status.code(), "server unreachable and the release journal cannot be written; the address stays allocated")
+            }
         }
     }
 
@@ -151,6 +283,27 @@ impl CniService {
 
     #[instrument(skip_all, fields(container_id = %req.container_id, ifname = %req.ifname, pod = %format!("{}/{}", req.pod.namespace, req.pod.name)))]
     async fn add(&self, req: &CniRequest) -> Result<String, CniError> {
+        let mtu = match self.phase() {
+            NodePhase::Ready { mtu } => mtu,
+            NodePhase::Starting { .. } => {
+                return Err(CniError::new(
+                    Code::TryAgainLater,
+                    format!(
+                        "weft-agent has not registered node {} with weft-server yet; try again later",
+                        self.node
+                    ),
+                ));
+            }
+            NodePhase::Fenced { .. } => {
+                return Err(CniError::new(
+                    Code::Ipam,
+                    format!(
+                        "node {} was deleted from weft-server; no new pods are wired here until weft-agent is restarted",
+                        self.node
+                    ),
+                ));
+            }
+        };
         let netns = req
             .netns
             .clone()
@@ -174,6 +327,17 @@ impl CniService {
             .await
             .map_err(|s| ipam_error(s, "allocating an address"))?
             .into_inner();
+        // An attachment whose release is still journalled gets its address
+        // back (Allocate is idempotent): the journal must not release it
+        // under the new pod. Dropped only now that the server answered, so
+        // a failed Allocate leaves the owed release in place.
+        if self
+            .journal
+            .remove(&req.container_id, &req.ifname)
+            .map_err(|e| CniError::new(Code::Io, e.to_string()))?
+        {
+            info!("attachment wired again before its journalled release was sent");
+        }
         let address: Ipv4Net = alloc.address.parse().map_err(|_| {
             CniError::new(
                 Code::Ipam,
@@ -192,7 +356,7 @@ impl CniService {
             netns,
             address,
             gateway,
-            mtu: self.mtu,
+            mtu,
         };
         match self.pods.wire(&spec).await {
             Ok(wired) => {
@@ -202,7 +366,7 @@ impl CniService {
             Err(e) => {
                 // Nothing of the attachment is left: give the address back.
                 if let Err(status) = self.release(req).await {
-                    warn!(error = %status, "releasing after a failed ADD; GC will reclaim it");
+                    self.journal_release(&req.container_id, &req.ifname, &status);
                 }
                 Err(e)
             }
@@ -210,13 +374,21 @@ impl CniService {
     }
 
     async fn release(&self, req: &CniRequest) -> Result<Option<String>, Status> {
+        self.release_rpc(&req.container_id, &req.ifname).await
+    }
+
+    async fn release_rpc(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<String>, Status> {
         let released = self
             .ipam()
             .release(with_timeout(
                 pb::ReleaseRequest {
                     node_name: self.node.clone(),
-                    container_id: req.container_id.clone(),
-                    ifname: req.ifname.clone(),
+                    container_id: container_id.to_owned(),
+                    ifname: ifname.to_owned(),
                 },
                 IPAM_TIMEOUT,
             ))
@@ -243,14 +415,23 @@ impl CniService {
         // address meanwhile.
         let host = host_ifname(&req.container_id, &req.ifname);
         let (unlinked, released) = tokio::join!(self.pods.delete_link(&host), self.release(req));
-        unlinked?;
         match released {
-            Ok(released) => address = released.or(address),
-            // The address stays allocated until GC; the pod is gone anyway.
+            Ok(released) => {
+                address = released.or(address);
+                // A release journalled by an earlier DEL is done now too.
+                if let Err(e) = self.journal.remove(&req.container_id, &req.ifname) {
+                    error!(error = %e, "cannot update the release journal");
+                }
+            }
+            // The pod is gone; the server hears of it when it is back.
+            Err(status) if transient(&status) => {
+                self.journal_release(&req.container_id, &req.ifname, &status)
+            }
             Err(status) => {
-                warn!(code = ?status.code(), message = status.message(), "release failed; GC will reclaim the address")
+                warn!(code = ?status.code(), message = status.message(), "the server refused the release")
             }
         }
+        unlinked?;
         if let Some(ip) = address {
             flush_conntrack(&ip).await;
             info!(%ip, "pod unwired and released");
@@ -285,10 +466,12 @@ impl CniService {
                 req.ifname, side.addresses, prev.address
             )));
         }
-        if side.mtu != self.mtu {
+        if let Some(mtu) = self.phase().mtu()
+            && side.mtu != mtu
+        {
             return Err(drift(format!(
-                "{} has MTU {}, expected {}",
-                req.ifname, side.mtu, self.mtu
+                "{} has MTU {}, expected {mtu}",
+                req.ifname, side.mtu
             )));
         }
         if let Some(gw) = prev.gateway
@@ -308,6 +491,11 @@ impl CniService {
             }
             Some(false) => return Err(drift("host interface is not attached to weft0".into())),
             Some(true) => {}
+        }
+        if self.journal.contains(&req.container_id, &req.ifname) {
+            return Err(drift(
+                "the attachment was deleted; its release is waiting for weft-server".into(),
+            ));
         }
         let alloc = self
             .ipam()
@@ -330,6 +518,12 @@ impl CniService {
             Err(s) if s.code() == GrpcCode::NotFound => Err(drift(
                 "the server has no allocation for this attachment".into(),
             )),
+            // The kernel is the ground truth of what is wired, and it
+            // matches prevResult: a server outage is not drift.
+            Err(s) if transient(&s) => {
+                warn!(code = ?s.code(), message = s.message(), "CHECK without the server: the kernel matches prevResult");
+                Ok(())
+            }
             Err(s) => Err(ipam_error(s, "looking up the allocation")),
         }
     }

@@ -263,8 +263,22 @@ impl Cluster {
         run(Command::new("psql").args([&self.admin_url, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql]));
     }
 
+    /// The two-role set-up (docs/security.md): the owner creates the
+    /// database and migrates it; servers run as the serving role `weft`.
     fn create_database(&self) {
         self.psql(&format!("CREATE DATABASE {}", self.database));
+        run(Command::new(bin_dir().join("weft-server"))
+            .arg("migrate")
+            .env("DATABASE_URL", self.database_url())
+            .env("WEFT_LOG", "warn"));
+    }
+
+    /// The serving role's URL of the cluster's database.
+    pub fn serving_url(&self) -> String {
+        let url = self.database_url();
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+        format!("{scheme}://weft@{host}")
     }
 
     pub fn database_url(&self) -> String {
@@ -293,7 +307,7 @@ impl Cluster {
                 &format!("{ip}:7401"),
             ])
             .args(self.tls_server_args())
-            .env("DATABASE_URL", self.database_url())
+            .env("DATABASE_URL", self.serving_url())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -355,6 +369,10 @@ impl Cluster {
         }
     }
 
+    pub fn state_dir(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("node{node}-state"))
+    }
+
     pub fn cni_dir(&self, node: usize) -> PathBuf {
         self.dir.join(format!("node{node}-net.d"))
     }
@@ -379,6 +397,8 @@ impl Cluster {
             .arg(self.dir.join(format!("node{node}.sock")))
             .arg("--cni-conf-dir")
             .arg(self.cni_dir(node))
+            .arg("--state-dir")
+            .arg(self.state_dir(node))
             .args(["--metrics-listen", &format!("198.51.100.{}:7402", node + 1)])
             .env("WEFT_LOG", "info,weft_agent=debug")
             .stdin(Stdio::null())

@@ -1,0 +1,211 @@
+//! Issue 12's node-side defects, tried the way a kubelet and a crashing
+//! machine would: an agent restarted during a server outage, a SIGKILL
+//! with a release still owed to the server, a node deleted while its agent
+//! runs, a netns that did not propagate (needs root; CI runs as root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{fs, time::Duration};
+
+use serde_json::Value;
+use support::*;
+
+fn add(c: &mut Cluster, node: usize, name: &str) -> (String, Value) {
+    let ns = c.pod_netns(name);
+    let out = c.cni(
+        node,
+        "ADD",
+        &format!("ctr-{name}"),
+        &ns,
+        name,
+        &c.net_conf(node, "1.0.0"),
+    );
+    assert_eq!(out.code, 0, "ADD {name}: {out:?}");
+    let ip = out.stdout["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    (ip, out.stdout)
+}
+
+fn kill_agent(c: &mut Cluster, node: usize) {
+    let mut agent = c.agents[node].take().unwrap();
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+}
+
+#[test]
+fn an_agent_restarted_during_a_server_outage_serves_del_and_check_and_reports_later() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    c.start_agent(0);
+    let (ip, result) = add(&mut c, 0, "p");
+    let ns = format!("/var/run/netns/{}", c.pod_ns_name("p"));
+
+    // The server goes away, then the agent restarts (an upgrade, a crash).
+    c.stop_server();
+    c.stop_agent(0);
+    c.spawn_agent(0);
+    wait_until("the CNI socket", Duration::from_secs(10), || {
+        c.agent_log(0).contains("serving CNI requests")
+    });
+    assert!(!c.agent_log(0).contains("registered"), "the server is down");
+
+    // CHECK is answered from the kernel and the saved MTU.
+    let mut conf = c.net_conf(0, "1.0.0");
+    conf["prevResult"] = result;
+    let check = c.cni(0, "CHECK", "ctr-p", &ns, "p", &conf);
+    assert_eq!(check.code, 0, "{check:?}");
+    // A new pod cannot get an address yet: try again later.
+    let new_ns = c.pod_netns("new");
+    let new = c.cni(0, "ADD", "ctr-new", &new_ns, "new", &c.net_conf(0, "1.0.0"));
+    assert_eq!(new.stdout["code"], 11, "{new:?}");
+    // DEL succeeds at once, and the release is owed to the server.
+    let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_eq!(del.code, 0, "{del:?}");
+    let journal = fs::read_to_string(c.state_dir(0).join("releases.json")).unwrap();
+    assert!(journal.contains("ctr-p"), "{journal}");
+    // A CHECK of the deleted attachment is drift, not a pass.
+    let gone = c.cni(0, "CHECK", "ctr-p", &ns, "p", &conf);
+    assert_eq!(gone.code, 1, "{gone:?}");
+
+    // The machine crashes before the server is back.
+    kill_agent(&mut c, 0);
+    assert_eq!(
+        c.sql("SELECT container_id FROM allocations"),
+        ["ctr-p"],
+        "PostgreSQL still holds it"
+    );
+
+    c.start_server();
+    c.start_agent(0);
+    wait_until(
+        "the journalled release to reach PostgreSQL",
+        Duration::from_secs(10),
+        || {
+            c.sql("SELECT count(*) FROM allocations")
+                .first()
+                .map(String::as_str)
+                == Some("0")
+        },
+    );
+    let audit = c.sql(&format!(
+        "SELECT action || ' ' || actor FROM audit_log WHERE address = '{ip}' ORDER BY id"
+    ));
+    assert_eq!(audit, ["allocate node/node1", "release node/node1"]);
+    wait_until("the journal to empty", Duration::from_secs(5), || {
+        fs::read_to_string(c.state_dir(0).join("releases.json")).is_ok_and(|j| !j.contains("ctr-p"))
+    });
+}
+
+#[test]
+fn an_add_of_an_attachment_with_a_journalled_release_keeps_its_address() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    c.start_agent(0);
+    let (ip, _) = add(&mut c, 0, "p");
+    let ns = format!("/var/run/netns/{}", c.pod_ns_name("p"));
+    c.stop_server();
+    let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_eq!(del.code, 0, "{del:?}");
+    c.start_server();
+    // The runtime retries the sandbox under the same id before the
+    // journal is flushed: the journal must not release it under the pod.
+    let mut again = None;
+    wait_until("ADD to succeed again", Duration::from_secs(20), || {
+        let out = c.cni(0, "ADD", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+        let ok = out.code == 0;
+        again = Some(out);
+        ok
+    });
+    let again = again.unwrap();
+    let got = again.stdout["ips"][0]["address"].as_str().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let held = c.sql("SELECT host(address) || ' ' || container_id FROM allocations");
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(
+        got.starts_with(held[0].split(' ').next().unwrap()),
+        "wired {got}, PostgreSQL holds {held:?} (first {ip})"
+    );
+}
+
+#[test]
+fn a_node_deleted_while_its_agent_runs_is_fenced_and_its_block_kept_from_others() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(2);
+    c.start_agent(0);
+    c.start_agent(1);
+    let (_, _) = add(&mut c, 0, "p");
+    let ns = format!("/var/run/netns/{}", c.pod_ns_name("p"));
+    let block = c.sql("SELECT block::text FROM nodes WHERE name = 'node1'");
+    c.grpc("weft.v1.Admin/DeleteNode", r#"{"name":"node1"}"#);
+    wait_until("the agent to learn it", Duration::from_secs(30), || {
+        c.agent_log(0).contains("deleted from weft-server")
+    });
+    let new_ns = c.pod_netns("new");
+    let new = c.cni(0, "ADD", "ctr-new", &new_ns, "new", &c.net_conf(0, "1.0.0"));
+    assert_eq!(new.stdout["code"], 100, "{new:?}");
+    assert!(
+        new.stdout["msg"].as_str().unwrap().contains("deleted"),
+        "{new:?}"
+    );
+    // The node drains: DEL still works.
+    let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_eq!(del.code, 0, "{del:?}");
+    // A new node does not get the deleted node's block while it is
+    // quarantined.
+    let body =
+        r#"{"node_name":"ghost","underlay_ip":"203.0.113.9","vtep_mac":"02:00:00:00:09:09"}"#;
+    let mut args = vec!["grpcurl".to_owned()];
+    args.extend(c.grpcurl_auth("ghost"));
+    args.extend([
+        "-d".to_owned(),
+        body.to_owned(),
+        format!("{SERVER_IP}:7400"),
+        "weft.v1.Topology/RegisterNode".to_owned(),
+    ]);
+    in_ns(
+        &c.control,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let ghost = c.sql("SELECT block::text FROM nodes WHERE name = 'ghost'");
+    assert_ne!(ghost, block, "the quarantined block went to another node");
+}
+
+#[test]
+fn an_add_into_a_netns_the_agent_cannot_see_names_mount_propagation() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    c.start_agent(0);
+    // What an unpropagated bind mount looks like from the agent's side.
+    let fake = c.dir.join("not-a-netns");
+    fs::write(&fake, b"").unwrap();
+    let out = c.cni(
+        0,
+        "ADD",
+        "ctr-x",
+        fake.to_str().unwrap(),
+        "x",
+        &c.net_conf(0, "1.0.0"),
+    );
+    assert_eq!(out.stdout["code"], 102, "{out:?}");
+    let msg = out.stdout["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("empty file") && msg.contains("propagat"),
+        "{msg}"
+    );
+    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["0"]);
+}
