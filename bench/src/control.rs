@@ -61,7 +61,12 @@ async fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
 fn register_req(name: &str, i: u32) -> pb::RegisterNodeRequest {
     pb::RegisterNodeRequest {
         node_name: name.to_owned(),
-        underlay_ip: format!("203.0.113.{}", i % 250 + 1),
+        // Underlay addresses are unique per node; these are only data (no
+        // packet is ever sent to them), from the benchmarking range.
+        underlay_ip: std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + i,
+        )
+        .to_string(),
         vtep_mac: format!(
             "02:00:{:02x}:{:02x}:{:02x}:01",
             (i >> 16) & 0xff,
@@ -93,7 +98,8 @@ async fn register_many(
                         return Ok::<_, anyhow::Error>(());
                     }
                     client
-                        .register_node(register_req(&format!("{prefix}{i}"), i + 1))
+                        // Below 100: the single nodes (base, probe).
+                        .register_node(register_req(&format!("{prefix}{i}"), i + 100))
                         .await?;
                 }
             })
@@ -315,7 +321,7 @@ pub async fn server_footprint(
         "-c",
         &format!(
             "INSERT INTO nodes (name, underlay_ip, vtep_mac, block_index, block)
-             SELECT 'n' || i, ('203.0.113.' || (i % 250 + 1))::inet,
+             SELECT 'n' || i, '198.18.0.0'::inet + i,
                     ('02:00:' || lpad(to_hex(i / 65536 % 256), 2, '0') || ':' || lpad(to_hex(i / 256 % 256), 2, '0')
                        || ':' || lpad(to_hex(i % 256), 2, '0') || ':01')::macaddr,
                     i, set_masklen('10.0.0.0'::inet + i * 256, 24)::cidr

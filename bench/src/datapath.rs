@@ -116,7 +116,7 @@ pub fn agent_footprint(env: &Env, report: &mut Report, peers: u32) -> anyhow::Re
     let (idle, _) = c.agents[0].rss_mib();
     c.sql(&format!(
         "INSERT INTO nodes (name, underlay_ip, vtep_mac, block_index, block)
-         SELECT 'ghost' || i, ('203.0.113.' || (i % 250 + 1))::inet,
+         SELECT 'ghost' || i, '198.18.0.0'::inet + i,
                 ('02:00:' || lpad(to_hex(i / 65536 % 256), 2, '0') || ':' || lpad(to_hex(i / 256 % 256), 2, '0')
                    || ':' || lpad(to_hex(i % 256), 2, '0') || ':01')::macaddr,
                 i, set_masklen('10.244.0.0'::inet + i * 8, 29)::cidr

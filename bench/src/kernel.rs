@@ -27,7 +27,9 @@ fn peers(n: usize) -> Vec<Peer> {
             let base = u32::from(Ipv4Addr::new(10, 244, 0, 0)) + i32_ * 8;
             Peer {
                 node_name: format!("peer{i}"),
-                underlay_ip: Ipv4Addr::new(203, 0, 113, (i % 250 + 1) as u8),
+                // One underlay address per peer (the peer set refuses a
+                // second claim); only data, from the benchmarking range.
+                underlay_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i32_),
                 vtep_mac: MacAddr([
                     0x02,
                     0x00,
@@ -80,7 +82,8 @@ pub async fn apply(mode: &str, count: usize) -> anyhow::Result<()> {
             })
             .await?;
             let mut set = PeerSet::default();
-            set.reset(1, peers, "self");
+            let refused = set.reset(1, peers, "self");
+            anyhow::ensure!(refused.is_empty(), "peers refused: {refused:?}");
             let t = Instant::now();
             let applied = reconcile(&dp, &set)
                 .await
