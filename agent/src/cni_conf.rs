@@ -9,7 +9,7 @@ use serde_json::json;
 /// File name; sorts early so runtimes pick Weft over leftovers.
 pub const CONFLIST_NAME: &str = "10-weft.conflist";
 /// Spec versions the plugin serves.
-pub const CNI_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+pub use weft_core::cni::SUPPORTED_VERSIONS as CNI_VERSIONS;
 
 pub fn render(socket: &Path) -> String {
     let conf = json!({

@@ -153,20 +153,12 @@ impl Errors {
     }
 }
 
+/// The server's rule (weft-core), checked at start so a bad name is a
+/// config error, not a registration that fails forever.
 fn valid_node_name(s: &str) -> Result<String, String> {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
-    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    if s.is_empty()
-        || s.len() > 253
-        || !s.chars().all(ok_char)
-        || !edge(s.chars().next())
-        || !edge(s.chars().last())
-    {
-        return Err(format!(
-            "--node-name/NODE_NAME: {s:?} is not a valid node name (lower-case letters, digits, '-', '.')"
-        ));
-    }
-    Ok(s.to_owned())
+    s.parse::<weft_core::domain::NodeName>()
+        .map(|n| n.to_string())
+        .map_err(|why| format!("--node-name/NODE_NAME: {s:?} is not a valid node name: {why}"))
 }
 
 impl Config {

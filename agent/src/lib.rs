@@ -16,7 +16,6 @@ pub mod cni_conf;
 pub mod config;
 pub mod datapath;
 pub mod metrics;
-pub mod netlink;
 pub mod peers;
 pub mod reconcile;
 pub mod state;
@@ -34,12 +33,15 @@ use tonic::{
 use tracing::{error, info, warn};
 use weft_proto::v1::{self as pb, topology_client::TopologyClient};
 
+use weft_core::domain::MacAddr;
+
 use crate::{
     config::{Config, LogFormat},
-    datapath::{BridgeSpec, Datapath, MasqueradeSpec, Underlay, VXLAN_OVERHEAD, VtepSpec},
+    datapath::{
+        BridgeSpec, Datapath, MasqueradeSpec, Underlay, VXLAN_OVERHEAD, VtepSpec,
+        netlink::NetlinkDatapath,
+    },
     metrics::AgentMetrics,
-    netlink::NetlinkDatapath,
-    peers::MacAddr,
     sync::{Backoff, PeerSync},
 };
 
@@ -58,24 +60,7 @@ pub struct NodeAssignment {
     pub mtu_hint: u32,
 }
 
-/// A stable, locally administered unicast MAC for the node's VTEP, derived
-/// from its name so a recreated device keeps the MAC peers know.
-pub fn vtep_mac_for(node: &str) -> MacAddr {
-    // FNV-1a: stable across builds and platforms, unlike std's hasher.
-    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let b = hash.to_be_bytes();
-    MacAddr([0x02, b[0], b[1], b[2], b[3], b[4]])
-}
-
-/// The bridge's MAC: the VTEP's with the second octet flipped, so both are
-/// stable and never equal.
-pub fn bridge_mac_for(vtep: MacAddr) -> MacAddr {
-    let mut b = vtep.0;
-    b[1] ^= 0xff;
-    MacAddr(b)
-}
+pub use weft_core::names::{bridge_mac_for, vtep_mac_for};
 
 fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
@@ -285,7 +270,7 @@ pub async fn build_datapath<D: Datapath>(
         underlay_ifindex: underlay.ifindex,
         mtu,
         mac,
-        address: assignment.block.network(),
+        address: weft_core::ipam::vtep_address(assignment.block),
     })
     .await
     .context("setting up the VXLAN device")?;
@@ -544,14 +529,6 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::datapath::fake::RecordingDatapath;
-
-    #[test]
-    fn vtep_macs_are_stable_unicast_and_local() {
-        let a = vtep_mac_for("node-a");
-        assert_eq!(a, vtep_mac_for("node-a"));
-        assert_ne!(a, vtep_mac_for("node-b"));
-        assert_eq!(a.0[0], 0x02);
-    }
 
     fn assignment(mtu_hint: u32) -> NodeAssignment {
         NodeAssignment {

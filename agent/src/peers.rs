@@ -7,40 +7,12 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
-    str::FromStr,
 };
 
 use ipnet::Ipv4Net;
 use thiserror::Error;
 
-/// An Ethernet address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl FromStr for MacAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("{s:?} is not a MAC address");
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut out {
-            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
-            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(Self(out))
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
-}
+pub use weft_core::domain::MacAddr;
 
 /// Another node's tunnel endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +48,9 @@ impl Peer {
             underlay_ip: underlay_ip
                 .parse()
                 .map_err(|_| bad(format!("underlay_ip {underlay_ip:?} is not IPv4")))?,
-            vtep_mac: vtep_mac.parse().map_err(bad)?,
+            vtep_mac: vtep_mac
+                .parse()
+                .map_err(|e: String| bad(format!("vtep_mac: {e}")))?,
             block: block
                 .parse::<Ipv4Net>()
                 .map(|b| b.trunc())
@@ -87,7 +61,7 @@ impl Peer {
     /// The address the route to this peer's block goes via: the block's
     /// network address, which the peer holds as /32 on its VXLAN device.
     pub fn via(&self) -> Ipv4Addr {
-        self.block.network()
+        weft_core::ipam::vtep_address(self.block)
     }
 }
 

@@ -14,10 +14,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
+use weft_core::ipam::ClusterLayout;
 use weft_proto::v1::{
     self as pb, ipam_client::IpamClient, peer_event::Event, topology_client::TopologyClient,
 };
-use weft_server::{RunningServer, ServerSettings, ipam::ClusterLayout, store::MIGRATOR};
+use weft_server::{RunningServer, ServerSettings, store::MIGRATOR};
 
 use crate::{
     cluster::Env,

@@ -8,8 +8,8 @@ use std::{io::Write, net::Ipv4Addr, process::Command, time::Instant};
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
 use weft_agent::{
+    datapath::netlink::NetlinkDatapath,
     datapath::{Datapath, VtepSpec},
-    netlink::NetlinkDatapath,
     peers::{MacAddr, Peer, PeerSet},
     reconcile::reconcile,
 };
@@ -30,8 +30,7 @@ fn peers(n: usize) -> Vec<Peer> {
                 // One underlay address per peer (the peer set refuses a
                 // second claim); only data, from the benchmarking range.
                 underlay_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i32_),
-                vtep_mac: MacAddr([
-                    0x02,
+                vtep_mac: MacAddr::local_unicast([
                     0x00,
                     0x00,
                     (i32_ >> 16) as u8,
@@ -77,7 +76,7 @@ pub async fn apply(mode: &str, count: usize) -> anyhow::Result<()> {
                 local: Ipv4Addr::new(198, 51, 100, 1),
                 underlay_ifindex: idx,
                 mtu: 1450,
-                mac: MacAddr([0x02, 0xaa, 0, 0, 0, 1]),
+                mac: MacAddr::local_unicast([0xaa, 0, 0, 0, 1]),
                 address: Ipv4Addr::new(10, 244, 0, 0),
             })
             .await?;

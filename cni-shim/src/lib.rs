@@ -13,7 +13,7 @@ use tower::service_fn;
 use weft_proto::agent::v1::{ExecRequest, ExecResponse, cni_client::CniClient};
 
 pub const DEFAULT_SOCKET: &str = "/run/weft/agent.sock";
-pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+pub use weft_core::cni::SUPPORTED_VERSIONS;
 /// The CNI variables the runtime sets; nothing else is forwarded.
 pub const CNI_ENV: [&str; 6] = [
     "CNI_COMMAND",
@@ -31,8 +31,8 @@ pub fn reply_version(stdin: &[u8]) -> String {
     serde_json::from_slice::<Value>(stdin)
         .ok()
         .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
-        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| "1.1.0".to_owned())
+        .filter(|v| weft_core::cni::is_supported(v))
+        .unwrap_or_else(|| weft_core::cni::NEWEST.to_owned())
 }
 
 /// `agentSocket` from the plugin config, else the default.

@@ -6,7 +6,7 @@ use std::{fmt, net::SocketAddr};
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 
-use crate::ipam::ClusterLayout;
+use weft_core::ipam::ClusterLayout;
 
 #[derive(Debug, Parser)]
 #[command(

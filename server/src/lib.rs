@@ -1,18 +1,16 @@
 //! weft-server: Weft's central IPAM and topology service.
 //!
-//! Agents call [`grpc`]'s `Topology` to register their node and receive its
+//! Agents call [`api`]'s `Topology` to register their node and receive its
 //! pod block, then hold a `WatchPeers` stream fed by [`watch`] to learn every
 //! other node's tunnel endpoint. The CNI path calls `Ipam` to allocate and
 //! release pod addresses; operators use `Admin`. [`store`] keeps all state
 //! in PostgreSQL, where unique constraints guarantee that no address or
 //! block is handed out twice and every change is audited in the same
-//! transaction; [`ipam`] is the address arithmetic it relies on, free of I/O.
+//! transaction; `weft_core::ipam` is the address arithmetic it relies on.
 //! [`metrics`] serves Prometheus figures and /healthz.
 
+pub mod api;
 pub mod config;
-pub mod domain;
-pub mod grpc;
-pub mod ipam;
 pub mod metrics;
 pub mod pki;
 pub mod store;
@@ -32,8 +30,8 @@ use weft_proto::v1::{
 };
 
 use crate::{
+    api::Services,
     config::{Command, Config},
-    grpc::Services,
     metrics::Metrics,
     store::{MIGRATOR, Store},
     watch::PeerFeed,
@@ -49,7 +47,7 @@ const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Settings of a running server that tests set directly.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    pub layout: ipam::ClusterLayout,
+    pub layout: weft_core::ipam::ClusterLayout,
     pub vni: u32,
     pub mtu_hint: u32,
     pub topology_history: u32,
@@ -164,7 +162,7 @@ impl RunningServer {
         if let Some(tls) = &settings.tls {
             // Client certificates are optional at the TLS layer so health
             // checks (`weft-server probe`, load balancers) need none; every
-            // Weft RPC demands one (grpc::Services::caller).
+            // Weft RPC demands one (api::Services::caller).
             builder = builder.tls_config(
                 tonic::transport::ServerTlsConfig::new()
                     .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key))
@@ -286,7 +284,7 @@ pub async fn connect_with_retry(url: &str) -> anyhow::Result<PgPool> {
     loop {
         match Store::connect(url).await {
             Ok(pool) => return Ok(pool),
-            Err(store::StoreError::Database(e)) if store::sqlx_unavailable(&e) => {
+            Err(e) if e.is_unavailable() => {
                 warn!(error = %e, retry_in = ?delay, "database unreachable; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));

@@ -23,7 +23,7 @@ use tonic::{Code, transport::Channel};
 use weft_proto::v1::{self as pb, topology_client::TopologyClient};
 use weft_server::{
     Keepalive, RunningServer,
-    grpc::{MAX_CALLS_PER_NODE, MAX_STREAMS_PER_NODE},
+    api::{MAX_CALLS_PER_NODE, MAX_STREAMS_PER_NODE},
     store::MIGRATOR,
 };
 

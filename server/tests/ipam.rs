@@ -353,7 +353,7 @@ async fn gc_releases_everything_of_the_node_not_listed(pool: PgPool) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let too_many = (0..=weft_server::grpc::MAX_GC_ATTACHMENTS)
+    let too_many = (0..=weft_server::api::MAX_GC_ATTACHMENTS)
         .map(|i| attachment(&format!("c{i}")))
         .collect();
     let err = ts

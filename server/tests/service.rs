@@ -314,7 +314,7 @@ fn help_documents_every_flag() {
 async fn a_node_may_hold_only_a_few_watch_streams(pool: PgPool) {
     let ts = start(pool).await;
     let mut open = Vec::new();
-    for _ in 0..weft_server::grpc::MAX_STREAMS_PER_NODE {
+    for _ in 0..weft_server::api::MAX_STREAMS_PER_NODE {
         let mut w = watch(&ts, "node-x", 0).await;
         next_event(&mut w).await;
         open.push(w);
@@ -374,8 +374,8 @@ async fn an_oversized_request_is_rejected_and_the_server_keeps_serving(pool: PgP
             })
             .collect(),
     };
-    let big = gc(weft_server::grpc::MAX_GC_ATTACHMENTS);
-    const { assert!(weft_server::grpc::MAX_GC_ATTACHMENTS * (256 + 4) > 4 << 20) };
+    let big = gc(weft_server::api::MAX_GC_ATTACHMENTS);
+    const { assert!(weft_server::api::MAX_GC_ATTACHMENTS * (256 + 4) > 4 << 20) };
     let mut ipam = ts.ipam().max_encoding_message_size(64 << 20);
     let err = ipam.gc(big).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     datapath::BRIDGE_NAME,
-    netlink::{ENODEV, errno, link_mtu},
+    datapath::netlink::{ENODEV, errno, link_mtu},
 };
 
 fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> CniError {
@@ -35,23 +35,7 @@ fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> CniEr
     move |e| CniError::new(Code::Datapath, format!("{op}: {e}"))
 }
 
-fn fnv(parts: &[&str]) -> u64 {
-    parts
-        .iter()
-        .flat_map(|p| p.bytes().chain([0]))
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
-}
-
-/// The host end's name: deterministic from the attachment, so DEL, CHECK
-/// and GC find it without state. "weft" + 11 hex digits = 15 bytes.
-pub fn host_ifname(container_id: &str, ifname: &str) -> String {
-    format!(
-        "weft{:011x}",
-        fnv(&[container_id, ifname]) & 0xfff_ffff_ffff
-    )
-}
+pub use weft_core::names::host_ifname;
 
 fn mac_string(link: &LinkMessage) -> String {
     link.attributes
@@ -526,22 +510,5 @@ impl PodNetwork {
 
     pub async fn bridge_exists(&self) -> Result<bool, CniError> {
         Ok(link_by_name(&self.handle, BRIDGE_NAME).await?.is_some())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_names_are_deterministic_fifteen_bytes_and_distinct() {
-        let a = host_ifname("abc123", "eth0");
-        assert_eq!(a, host_ifname("abc123", "eth0"));
-        assert_eq!(a.len(), 15);
-        assert!(a.starts_with("weft"));
-        assert_ne!(a, host_ifname("abc123", "net1"));
-        assert_ne!(a, host_ifname("abc124", "eth0"));
-        // The separator keeps ("ab", "c") and ("a", "bc") apart.
-        assert_ne!(host_ifname("ab", "c"), host_ifname("a", "bc"));
     }
 }

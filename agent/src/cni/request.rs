@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use super::error::{CniError, Code};
 
-/// Spec versions the plugin speaks, oldest first.
-pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+pub use weft_core::cni::SUPPORTED_VERSIONS;
+use weft_core::domain::{ContainerId, IfName, MAX_TEXT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -76,8 +76,7 @@ pub struct Request {
 
 /// Compares dotted versions numerically ("0.4.0" < "1.0.0").
 pub fn version_at_least(version: &str, min: &str) -> bool {
-    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
-    parse(version) >= parse(min)
+    weft_core::cni::at_least(version, min)
 }
 
 fn invalid_env(msg: impl Into<String>) -> CniError {
@@ -88,25 +87,16 @@ fn invalid_config(msg: impl Into<String>) -> CniError {
     CniError::new(Code::InvalidConfig, msg)
 }
 
+/// The server's own rules (weft-core), so the agent never forwards an id
+/// the server would refuse.
 fn valid_container_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 256
-        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    id.parse::<ContainerId>().is_ok()
 }
 
 /// An interface name the kernel accepts: 1–15 bytes, no '/', ':' or
 /// whitespace, not "." or "..".
 pub fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    name.parse::<IfName>().is_ok()
 }
 
 fn parse_args(raw: &str) -> Result<PodArgs, CniError> {
@@ -138,7 +128,7 @@ fn parse_args(raw: &str) -> Result<PodArgs, CniError> {
         ("K8S_POD_NAME", &pod.name),
         ("K8S_POD_UID", &pod.uid),
     ] {
-        if value.len() > 253 || value.chars().any(char::is_control) {
+        if value.len() > MAX_TEXT || value.chars().any(char::is_control) {
             return Err(invalid_env(format!(
                 "CNI_ARGS: {field} is not a valid Kubernetes name"
             )));
@@ -220,8 +210,8 @@ pub fn error_version(stdin: &[u8]) -> String {
     serde_json::from_slice::<Value>(stdin)
         .ok()
         .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
-        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| "1.1.0".to_owned())
+        .filter(|v| weft_core::cni::is_supported(v))
+        .unwrap_or_else(|| weft_core::cni::NEWEST.to_owned())
 }
 
 pub fn parse(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Request, CniError> {
@@ -273,12 +263,7 @@ pub fn parse(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Request, Cni
     if command == Command::Version {
         return Ok(empty);
     }
-    let min = match command {
-        Command::Check => Some("0.4.0"),
-        Command::Gc | Command::Status => Some("1.1.0"),
-        _ => None,
-    };
-    if let Some(min) = min
+    if let Some(min) = weft_core::cni::min_version(command_raw)
         && !version_at_least(&version, min)
     {
         return Err(CniError::new(

@@ -8,10 +8,11 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
+use weft_core::ipam::ClusterLayout;
 use weft_proto::v1::{
     self as pb, admin_client::AdminClient, ipam_client::IpamClient, topology_client::TopologyClient,
 };
-use weft_server::{RunningServer, ServerSettings, ipam::ClusterLayout};
+use weft_server::{RunningServer, ServerSettings};
 
 pub struct TestServer {
     pub server: RunningServer,

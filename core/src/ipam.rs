@@ -84,6 +84,12 @@ impl ClusterLayout {
     }
 }
 
+/// Offset 0 of a node block: the node's VXLAN address, and the next hop
+/// every other node routes the block via.
+pub fn vtep_address(block: Ipv4Net) -> Ipv4Addr {
+    block.network()
+}
+
 /// One node's pod block. Offset 0 is the network address (the VXLAN
 /// device's /32), offset 1 the gateway on the bridge, the last offset the
 /// broadcast address; pods get everything in between.
@@ -97,6 +103,12 @@ impl NodeBlock {
 
     pub fn net(&self) -> Ipv4Net {
         self.0
+    }
+
+    /// The node's VXLAN device holds this as /32, and peers route the
+    /// block via it.
+    pub fn vtep_address(&self) -> Ipv4Addr {
+        vtep_address(self.0)
     }
 
     pub fn gateway(&self) -> Ipv4Addr {

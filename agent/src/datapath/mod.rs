@@ -1,8 +1,10 @@
 //! The node's kernel state in domain terms: the VXLAN tunnel endpoint, the
 //! pod bridge, the peer entries on the tunnel, forwarding and masquerade.
 //! [`Datapath`] is the narrow seam between decisions and side effects: the
-//! real implementation is [`crate::netlink::NetlinkDatapath`]; unit tests
+//! real implementation is [`netlink::NetlinkDatapath`]; unit tests
 //! inject [`fake::RecordingDatapath`].
+
+pub mod netlink;
 
 use std::{collections::BTreeSet, future::Future, net::Ipv4Addr};
 

@@ -6,6 +6,9 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use thiserror::Error;
 
+/// Free text in a request (pod namespace, name, uid) may be at most this long.
+pub const MAX_TEXT: usize = 253;
+
 /// A value failed validation; `field` is the request field it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("invalid {field}: {reason}")]
@@ -131,13 +134,40 @@ impl FromStr for IfName {
     }
 }
 
-/// A unicast Ethernet address, written "aa:bb:cc:dd:ee:ff".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A unicast Ethernet address, written "aa:bb:cc:dd:ee:ff": never all
+/// zero, never a group address. Both the server (what a node may register)
+/// and the agent (what it programs) use this one type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MacAddr([u8; 6]);
 
 impl MacAddr {
     pub fn octets(self) -> [u8; 6] {
         self.0
+    }
+
+    /// A locally administered unicast address (02:…) with the given tail.
+    pub fn local_unicast(tail: [u8; 5]) -> Self {
+        let [a, b, c, d, e] = tail;
+        Self([0x02, a, b, c, d, e])
+    }
+
+    fn check(octets: [u8; 6]) -> Result<Self, String> {
+        if octets == [0; 6] {
+            return Err("the all-zero address".into());
+        }
+        // A VTEP answers unicast; the I/G bit marks group addresses.
+        if octets[0] & 1 == 1 {
+            return Err("a multicast address".into());
+        }
+        Ok(Self(octets))
+    }
+}
+
+impl TryFrom<[u8; 6]> for MacAddr {
+    type Error = String;
+
+    fn try_from(octets: [u8; 6]) -> Result<Self, Self::Error> {
+        Self::check(octets)
     }
 }
 
@@ -158,14 +188,7 @@ impl FromStr for MacAddr {
         if parts.next().is_some() {
             return Err(bad());
         }
-        if octets == [0; 6] {
-            return Err(format!("{s:?} is the all-zero address"));
-        }
-        // A VTEP answers unicast; the I/G bit marks group addresses.
-        if octets[0] & 1 == 1 {
-            return Err(format!("{s:?} is a multicast address"));
-        }
-        Ok(Self(octets))
+        Self::check(octets).map_err(|why| format!("{s:?} is {why}"))
     }
 }
 
@@ -186,6 +209,17 @@ impl UnderlayIp {
     }
 }
 
+impl TryFrom<Ipv4Addr> for UnderlayIp {
+    type Error = String;
+
+    fn try_from(ip: Ipv4Addr) -> Result<Self, Self::Error> {
+        if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+            return Err(format!("{ip} cannot be a tunnel endpoint"));
+        }
+        Ok(Self(ip))
+    }
+}
+
 impl FromStr for UnderlayIp {
     type Err = String;
 
@@ -193,10 +227,7 @@ impl FromStr for UnderlayIp {
         let ip: Ipv4Addr = s
             .parse()
             .map_err(|_| format!("{s:?} is not an IPv4 address"))?;
-        if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
-            return Err(format!("{ip} cannot be a tunnel endpoint"));
-        }
-        Ok(Self(ip))
+        Self::try_from(ip)
     }
 }
 

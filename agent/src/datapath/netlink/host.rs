@@ -1,0 +1,104 @@
+//! Host settings outside the links: IPv4 forwarding (procfs) and the
+//! masquerade rule (the `nft` binary, one atomic transaction: there is no
+//! nftables netlink support in the dependency set).
+
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tracing::info;
+
+use crate::datapath::{DatapathError, MasqueradeSpec, Result};
+
+use super::*;
+
+pub(super) fn masquerade_rule(spec: &MasqueradeSpec) -> String {
+    format!(
+        "ip saddr {} ip daddr != {} masquerade",
+        spec.block, spec.cluster
+    )
+}
+
+impl NetlinkDatapath {
+    pub(super) async fn set_forwarding(&self) -> Result<()> {
+        const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+        let now = tokio::fs::read_to_string(PATH)
+            .await
+            .map_err(DatapathError::io(format!("reading {PATH}")))?;
+        if now.trim() != "1" {
+            info!("enabling IPv4 forwarding");
+            tokio::fs::write(PATH, "1\n")
+                .await
+                .map_err(DatapathError::io(format!("writing {PATH}")))?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn set_masquerade(&self, spec: &MasqueradeSpec) -> Result<()> {
+        let rule = masquerade_rule(spec);
+        let listed = tokio::process::Command::new("nft")
+            .args(["list", "table", "ip", NFT_TABLE])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(DatapathError::io(
+                "running nft (is the nftables package installed?)",
+            ))?;
+        let text = String::from_utf8_lossy(&listed.stdout);
+        let rules: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.contains("masquerade"))
+            .collect();
+        if listed.status.success() && rules == [rule.as_str()] {
+            return Ok(());
+        }
+        info!(%rule, "installing masquerade rule");
+        // One nft transaction: create-if-missing, flush by deleting, then
+        // define, so the rule is replaced atomically.
+        let script = format!(
+            "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n\
+             table ip {NFT_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {rule}\n  }}\n}}\n"
+        );
+        let mut child = tokio::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(DatapathError::io("running nft"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .await
+                .map_err(DatapathError::io("writing to nft"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(DatapathError::io("waiting for nft"))?;
+        if !out.status.success() {
+            return Err(DatapathError::Other(format!(
+                "nft rejected the masquerade table: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_masquerade_rule_excludes_the_cluster() {
+        let spec = MasqueradeSpec {
+            block: "10.244.3.0/24".parse().unwrap(),
+            cluster: "10.244.0.0/16".parse().unwrap(),
+        };
+        assert_eq!(
+            masquerade_rule(&spec),
+            "ip saddr 10.244.3.0/24 ip daddr != 10.244.0.0/16 masquerade"
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! `weft.v1.Admin`: nodes, allocations, history, utilization, deletion.
+
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+use weft_core::domain::NodeName;
+use weft_proto::v1::{self as pb, admin_server::Admin};
+
+use super::{
+    Services,
+    check::{check, check_ipv4, check_optional, check_text, page_size, status_from},
+    convert::{allocation_pb, audit_pb, node_pb},
+};
+use crate::store::{AllocationFilter, HistoryKey};
+
+// === impl Admin ===
+
+#[tonic::async_trait]
+impl Admin for Services {
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "ListNodes").await?;
+            let nodes = self.inner.store.list_nodes().await.map_err(status_from)?;
+            Ok(Response::new(pb::ListNodesResponse {
+                nodes: nodes.into_iter().map(node_pb).collect(),
+            }))
+        }
+        .await;
+        self.finish("ListNodes", start, result)
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "GetNode").await?;
+            let name: NodeName = check("name", &request.get_ref().name)?;
+            let node = self
+                .inner
+                .store
+                .get_node(&name)
+                .await
+                .map_err(status_from)?;
+            Ok(Response::new(node_pb(node)))
+        }
+        .await;
+        self.finish("GetNode", start, result)
+    }
+
+    #[instrument(skip_all, fields(node = %request.get_ref().name))]
+    async fn delete_node(
+        &self,
+        request: Request<pb::DeleteNodeRequest>,
+    ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let caller = self.caller(&request)?;
+            let actor = self.authorize_admin(&caller, true, "DeleteNode").await?;
+            let name: NodeName = check("name", &request.get_ref().name)?;
+            let (revision, released) = self
+                .inner
+                .store
+                .delete_node(&name, &actor)
+                .await
+                .map_err(status_from)?;
+            self.inner.feed.poke();
+            self.inner
+                .metrics
+                .count_release(name.as_str(), "node_delete", released.len());
+            info!(%name, revision, released = released.len(), "node deleted");
+            Ok(Response::new(pb::DeleteNodeResponse {
+                released: released.into_iter().map(allocation_pb).collect(),
+            }))
+        }
+        .await;
+        self.finish("DeleteNode", start, result)
+    }
+
+    async fn list_allocations(
+        &self,
+        request: Request<pb::ListAllocationsRequest>,
+    ) -> Result<Response<pb::ListAllocationsResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "ListAllocations")
+                .await?;
+            let req = request.into_inner();
+            let filter = AllocationFilter {
+                node_name: check_optional::<NodeName>("node_name", &req.node_name)?
+                    .map(|n| n.to_string()),
+                pod_namespace: Some(check_text("pod_namespace", &req.pod_namespace)?)
+                    .filter(|s| !s.is_empty()),
+                pod_name: Some(check_text("pod_name", &req.pod_name)?).filter(|s| !s.is_empty()),
+                address: if req.address.is_empty() {
+                    None
+                } else {
+                    Some(check_ipv4("address", &req.address)?)
+                },
+                after: if req.page_token.is_empty() {
+                    None
+                } else {
+                    Some(check_ipv4("page_token", &req.page_token)?)
+                },
+                limit: page_size(req.page_size)?,
+            };
+            let allocations = self
+                .inner
+                .store
+                .list_allocations(&filter)
+                .await
+                .map_err(status_from)?;
+            let next_page_token = match allocations.last() {
+                Some(last) if allocations.len() == filter.limit as usize => {
+                    last.address.to_string()
+                }
+                _ => String::new(),
+            };
+            Ok(Response::new(pb::ListAllocationsResponse {
+                allocations: allocations.into_iter().map(allocation_pb).collect(),
+                next_page_token,
+            }))
+        }
+        .await;
+        self.finish("ListAllocations", start, result)
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "History").await?;
+            let req = request.into_inner();
+            let key = match (req.address.is_empty(), req.container_id.is_empty()) {
+                (false, true) => HistoryKey::Address(check_ipv4("address", &req.address)?),
+                (true, false) => HistoryKey::Container(check("container_id", &req.container_id)?),
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "invalid address/container_id: set exactly one of them",
+                    ));
+                }
+            };
+            let limit = page_size(req.page_size)?;
+            let after = if req.page_token.is_empty() {
+                0
+            } else {
+                req.page_token
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|id| *id > 0)
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "invalid page_token: {:?} is not a token from a previous page",
+                            req.page_token
+                        ))
+                    })?
+            };
+            let entries = self
+                .inner
+                .store
+                .history(&key, after, limit)
+                .await
+                .map_err(status_from)?;
+            let next_page_token = match entries.last() {
+                Some(last) if entries.len() == limit as usize => last.id.to_string(),
+                _ => String::new(),
+            };
+            Ok(Response::new(pb::HistoryResponse {
+                entries: entries.into_iter().map(audit_pb).collect(),
+                next_page_token,
+            }))
+        }
+        .await;
+        self.finish("History", start, result)
+    }
+
+    async fn utilization(
+        &self,
+        request: Request<pb::UtilizationRequest>,
+    ) -> Result<Response<pb::UtilizationResponse>, Status> {
+        let start = Instant::now();
+        let result = async {
+            let caller = self.caller(&request)?;
+            self.authorize_admin(&caller, false, "Utilization").await?;
+            let store = &self.inner.store;
+            let rows = store.utilization().await.map_err(status_from)?;
+            let layout = store.layout();
+            let per_block = layout.block(0).map(|b| b.capacity()).unwrap_or(0);
+            let nodes: Vec<pb::NodeUtilization> = rows
+                .into_iter()
+                .map(|(node_name, block, used)| pb::NodeUtilization {
+                    node_name,
+                    block: block.to_string(),
+                    used,
+                    capacity: block.capacity(),
+                })
+                .collect();
+            let blocks_used = u32::try_from(nodes.len()).unwrap_or(u32::MAX);
+            Ok(Response::new(pb::UtilizationResponse {
+                used: nodes.iter().map(|n| u64::from(n.used)).sum(),
+                // The cluster's capacity counts every block, assigned or not.
+                capacity: u64::from(layout.block_count()) * u64::from(per_block),
+                blocks_used,
+                blocks_capacity: layout.block_count(),
+                nodes,
+            }))
+        }
+        .await;
+        self.finish("Utilization", start, result)
+    }
+}

@@ -1,0 +1,97 @@
+//! Store records to wire messages, in one place.
+
+use std::net::Ipv4Addr;
+
+use chrono::{DateTime, Utc};
+use weft_core::ipam::NodeBlock;
+use weft_proto::v1 as pb;
+
+use crate::{
+    store::{AllocationRecord, AuditRecord, NodeRecord, PeerRecord, TopologyChange},
+    watch::WatchMessage,
+};
+
+// === conversions to the wire ===
+
+pub(super) fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub(super) fn peer_pb(p: PeerRecord) -> pb::Peer {
+    pb::Peer {
+        node_name: p.node_name,
+        underlay_ip: p.underlay_ip.to_string(),
+        vtep_mac: p.vtep_mac,
+        block: p.block.to_string(),
+    }
+}
+
+pub(super) fn node_pb(n: NodeRecord) -> pb::Node {
+    pb::Node {
+        name: n.name,
+        underlay_ip: n.underlay_ip.to_string(),
+        vtep_mac: n.vtep_mac,
+        block: n.block.to_string(),
+        gateway: n.block.gateway().to_string(),
+        registered_at: Some(timestamp(n.registered_at)),
+        last_seen: Some(timestamp(n.last_seen)),
+        allocated: n.allocated,
+        capacity: n.block.capacity(),
+    }
+}
+
+pub(super) fn address_with_prefix(address: Ipv4Addr, block: NodeBlock) -> String {
+    format!("{address}/{}", block.net().prefix_len())
+}
+
+pub(super) fn allocation_pb(a: AllocationRecord) -> pb::Allocation {
+    pb::Allocation {
+        node_name: a.node_name,
+        address: address_with_prefix(a.address, a.block),
+        gateway: a.block.gateway().to_string(),
+        container_id: a.container_id,
+        ifname: a.ifname,
+        pod_namespace: a.pod.namespace,
+        pod_name: a.pod.name,
+        pod_uid: a.pod.uid,
+        allocated_at: Some(timestamp(a.allocated_at)),
+    }
+}
+
+pub(super) fn audit_pb(a: AuditRecord) -> pb::AuditEntry {
+    pb::AuditEntry {
+        id: u64::try_from(a.id).unwrap_or(0),
+        at: Some(timestamp(a.at)),
+        action: a.action,
+        actor: a.actor,
+        node_name: a.node_name,
+        address: a.address.map(|ip| ip.to_string()).unwrap_or_default(),
+        container_id: a.container_id.unwrap_or_default(),
+        ifname: a.ifname.unwrap_or_default(),
+        pod_namespace: a.pod.namespace,
+        pod_name: a.pod.name,
+        pod_uid: a.pod.uid,
+    }
+}
+
+pub(super) fn watch_pb(m: WatchMessage) -> pb::PeerEvent {
+    use pb::peer_event::Event;
+    match m {
+        WatchMessage::Snapshot { revision, peers } => pb::PeerEvent {
+            revision,
+            event: Some(Event::Snapshot(pb::PeerSnapshot {
+                peers: peers.into_iter().map(peer_pb).collect(),
+            })),
+        },
+        WatchMessage::Change(e) => pb::PeerEvent {
+            revision: e.revision,
+            event: Some(match e.change {
+                TopologyChange::Upsert(p) => Event::Upsert(peer_pb(p)),
+                TopologyChange::Delete(name) => Event::Delete(name),
+            }),
+        },
+    }
+}

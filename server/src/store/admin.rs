@@ -1,0 +1,117 @@
+//! Read-only queries for the admin API: nodes, allocations (paged by
+//! address), audit history (paged by id) and utilization.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use weft_core::{domain::NodeName, ipam::NodeBlock};
+
+use super::{
+    Store,
+    error::{Result, StoreError},
+    records::{AllocationFilter, AllocationRecord, AuditRecord, HistoryKey, NodeRecord},
+    rows::{
+        AllocationRow, AuditRow, NodeRow, allocation_from_row, audit_from_row, count_u32,
+        node_from_row, to_block,
+    },
+};
+
+// === impl Store ===
+
+impl Store {
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
+        let rows: Vec<NodeRow> = sqlx::query_as(
+            "SELECT n.name, n.underlay_ip, n.vtep_mac::text AS vtep_mac, n.block,
+                    n.registered_at, n.last_seen,
+                    (SELECT count(*) FROM allocations a WHERE a.node_name = n.name) AS allocated
+             FROM nodes n ORDER BY n.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(node_from_row).collect()
+    }
+
+    pub async fn get_node(&self, name: &NodeName) -> Result<NodeRecord> {
+        let row: Option<NodeRow> = sqlx::query_as(
+            "SELECT n.name, n.underlay_ip, n.vtep_mac::text AS vtep_mac, n.block,
+                    n.registered_at, n.last_seen,
+                    (SELECT count(*) FROM allocations a WHERE a.node_name = n.name) AS allocated
+             FROM nodes n WHERE n.name = $1",
+        )
+        .bind(name.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(node_from_row)
+            .transpose()?
+            .ok_or_else(|| StoreError::UnknownNode(name.clone()))
+    }
+
+    pub async fn list_allocations(
+        &self,
+        filter: &AllocationFilter,
+    ) -> Result<Vec<AllocationRecord>> {
+        let rows: Vec<AllocationRow> = sqlx::query_as(
+            "SELECT a.*, n.block FROM allocations a JOIN nodes n ON n.name = a.node_name
+             WHERE ($1::text IS NULL OR a.node_name = $1)
+               AND ($2::text IS NULL OR a.pod_namespace = $2)
+               AND ($3::text IS NULL OR a.pod_name = $3)
+               AND ($4::inet IS NULL OR a.address = $4)
+               AND ($5::inet IS NULL OR a.address > $5)
+             ORDER BY a.address
+             LIMIT $6",
+        )
+        .bind(filter.node_name.as_deref())
+        .bind(filter.pod_namespace.as_deref())
+        .bind(filter.pod_name.as_deref())
+        .bind(filter.address.map(IpAddr::V4))
+        .bind(filter.after.map(IpAddr::V4))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(allocation_from_row).collect()
+    }
+
+    /// One page of a trail, oldest first: entries after `after_id`, at
+    /// most `limit`.
+    pub async fn history(
+        &self,
+        key: &HistoryKey,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>> {
+        let (address, container) = match key {
+            HistoryKey::Address(ip) => (Some(IpAddr::V4(*ip)), None),
+            HistoryKey::Container(id) => (None, Some(id.as_str())),
+        };
+        // Two indexed arms rather than one OR, so each walks its index.
+        let rows: Vec<AuditRow> = sqlx::query_as(
+            "SELECT * FROM audit_log
+             WHERE $1::inet IS NOT NULL AND address = $1 AND id > $3
+             UNION ALL
+             SELECT * FROM audit_log
+             WHERE $2::text IS NOT NULL AND container_id = $2 AND id > $3
+             ORDER BY id LIMIT $4",
+        )
+        .bind(address)
+        .bind(container)
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(audit_from_row).collect()
+    }
+
+    /// Used addresses per node, for utilization and metrics.
+    pub async fn utilization(&self) -> Result<Vec<(String, NodeBlock, u32)>> {
+        let rows: Vec<(String, IpNet, i64)> = sqlx::query_as(
+            "SELECT n.name, n.block, count(a.address)
+             FROM nodes n LEFT JOIN allocations a ON a.node_name = n.name
+             GROUP BY n.name, n.block ORDER BY n.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(name, block, used)| Ok((name, to_block(block)?, count_u32(used))))
+            .collect()
+    }
+}
