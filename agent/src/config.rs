@@ -1,9 +1,9 @@
 //! Command line and environment of `weft-agent`, validated together so an
 //! operator sees every mistake at once.
 
-use std::{fmt, net::Ipv4Addr, net::SocketAddr, path::PathBuf};
+use std::{net::Ipv4Addr, net::SocketAddr, path::PathBuf};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -104,11 +104,7 @@ pub struct TlsFiles {
     pub server_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use weft_plumbing::{ConfigErrors, LogFormat};
 
 /// Validated settings.
 #[derive(Debug, Clone)]
@@ -129,30 +125,6 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<String>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
-        for e in &self.0 {
-            writeln!(f, "  - {e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
-#[derive(Default)]
-struct Errors(Vec<String>);
-
-impl Errors {
-    fn take<T>(&mut self, r: Result<T, String>) -> Option<T> {
-        r.map_err(|e| self.0.push(e)).ok()
-    }
-}
-
 /// The server's rule (weft-core), checked at start so a bad name is a
 /// config error, not a registration that fails forever.
 fn valid_node_name(s: &str) -> Result<String, String> {
@@ -164,7 +136,7 @@ fn valid_node_name(s: &str) -> Result<String, String> {
 impl Config {
     /// `hostname` is the fallback node name (passed in so tests control it).
     pub fn from_cli(cli: Cli, hostname: Option<String>) -> Result<Self, ConfigErrors> {
-        let mut errors = Errors::default();
+        let mut errors = weft_plumbing::Collect::default();
         let server = errors.take(match cli.server.as_deref() {
             None => Err("--server/WEFT_SERVER: required (e.g. http://weft-server:7400)".into()),
             Some(list) => list
@@ -208,7 +180,7 @@ impl Config {
         if let Some(name) = &cli.underlay_interface
             && (name.is_empty() || name.len() > 15 || name.contains('/'))
         {
-            errors.0.push(format!(
+            errors.push(format!(
                 "--underlay-interface/WEFT_UNDERLAY_INTERFACE: {name:?} is not an interface name"
             ));
         }
@@ -231,25 +203,25 @@ impl Config {
                 }),
         );
         if !cli.socket.is_absolute() {
-            errors.0.push(format!(
+            errors.push(format!(
                 "--socket/WEFT_AGENT_SOCKET: {} is not an absolute path",
                 cli.socket.display()
             ));
         }
         if !cli.state_dir.is_absolute() {
-            errors.0.push(format!(
+            errors.push(format!(
                 "--state-dir/WEFT_STATE_DIR: {} is not an absolute path",
                 cli.state_dir.display()
             ));
         }
         if !cli.cni_conf_dir.is_absolute() {
-            errors.0.push(format!(
+            errors.push(format!(
                 "--cni-conf-dir/WEFT_CNI_CONF_DIR: {} is not an absolute path",
                 cli.cni_conf_dir.display()
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cli.log) {
-            errors.0.push(format!("--log/WEFT_LOG: {e}"));
+        if let Err(e) = weft_plumbing::check_log_filter(&cli.log) {
+            errors.push(format!("--log/WEFT_LOG: {e}"));
         }
         let tls = match (
             cli.tls_ca.clone(),
@@ -264,9 +236,7 @@ impl Config {
             }),
             (None, None, None) => None,
             _ => {
-                errors
-                    .0
-                    .push("--tls-ca, --tls-cert and --tls-key go together: set all three".into());
+                errors.push("--tls-ca, --tls-cert and --tls-key go together: set all three".into());
                 None
             }
         };
@@ -276,17 +246,17 @@ impl Config {
                 .filter(|u| u.scheme_str() == Some("https"))
                 .count();
             if tls.is_some() && https != servers.len() {
-                errors.0.push(
+                errors.push(
                     "--server/WEFT_SERVER: with --tls-* every server URL must be https://".into(),
                 );
             }
             if tls.is_none() && https > 0 {
-                errors.0.push("--server/WEFT_SERVER: an https:// server needs --tls-ca, --tls-cert and --tls-key".into());
+                errors.push("--server/WEFT_SERVER: an https:// server needs --tls-ca, --tls-cert and --tls-key".into());
             }
         }
         match (server, node_name, metrics_listen, heartbeat_seconds) {
             (Some(server), Some(node_name), Some(metrics_listen), Some(heartbeat_seconds))
-                if errors.0.is_empty() =>
+                if errors.is_empty() =>
             {
                 Ok(Self {
                     servers: server,
@@ -305,7 +275,7 @@ impl Config {
                     tls,
                 })
             }
-            _ => Err(ConfigErrors(errors.0)),
+            _ => Err(errors.into_errors()),
         }
     }
 }

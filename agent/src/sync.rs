@@ -28,32 +28,7 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Exponential backoff for reconnects: 250 ms doubling up to 10 s.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { next: Self::FIRST }
-    }
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(250);
-    const MAX: Duration = Duration::from_secs(10);
-
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        d
-    }
-
-    pub fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
+pub use weft_plumbing::Backoff;
 
 fn peer_from(p: &pb::Peer) -> Result<Peer, BadPeer> {
     Peer::parse(&p.node_name, &p.underlay_ip, &p.vtep_mac, &p.block)
@@ -248,14 +223,5 @@ mod tests {
         assert_eq!(err.len(), 1);
         assert!(set.is_empty());
         assert_eq!(set.revision(), 2);
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_ten_seconds_and_resets() {
-        let mut b = Backoff::default();
-        let delays: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 8000, 10000, 10000]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(250));
     }
 }

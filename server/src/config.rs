@@ -1,9 +1,9 @@
 //! Command line and environment. Values arrive as text and are validated
 //! together, so an operator sees every mistake in one start attempt.
 
-use std::{fmt, net::SocketAddr};
+use std::net::SocketAddr;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 
 use weft_core::ipam::ClusterLayout;
@@ -172,11 +172,7 @@ pub struct CertsArgs {
     pub viewers: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use weft_plumbing::{ConfigErrors, LogFormat};
 
 /// Validated settings.
 #[derive(Debug, Clone)]
@@ -197,25 +193,9 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
 }
 
-/// Every problem found in the settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<String>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
-        for e in &self.0 {
-            writeln!(f, "  - {e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
 impl Config {
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigErrors> {
-        let mut errors = Errors::default();
+        let mut errors = weft_plumbing::Collect::default();
 
         let listen = errors.take(parse_addr("--listen/WEFT_LISTEN", &cli.listen));
         let metrics_listen = errors.take(parse_addr(
@@ -290,29 +270,27 @@ impl Config {
             }),
             (None, None, None, true) => None,
             (_, _, _, true) => {
-                errors
-                    .0
-                    .push("--insecure-plaintext: cannot be combined with --tls-* flags".into());
+                errors.push("--insecure-plaintext: cannot be combined with --tls-* flags".into());
                 None
             }
             // Migrating serves nothing.
             (None, None, None, false) if cli.command == Some(Command::Migrate) => None,
             (None, None, None, false) => {
-                errors.0.push(
+                errors.push(
                     "--tls-cert, --tls-key and --tls-client-ca are required (or --insecure-plaintext for local development)"
                         .into(),
                 );
                 None
             }
             _ => {
-                errors.0.push(
+                errors.push(
                     "--tls-cert, --tls-key and --tls-client-ca go together: set all three".into(),
                 );
                 None
             }
         };
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cli.log) {
-            errors.0.push(format!("--log/WEFT_LOG: {e}"));
+        if let Err(e) = weft_plumbing::check_log_filter(&cli.log) {
+            errors.push(format!("--log/WEFT_LOG: {e}"));
         }
 
         match (
@@ -334,7 +312,7 @@ impl Config {
                 Some(mtu_hint),
                 Some(topology_history),
                 Some(block_quarantine),
-            ) if errors.0.is_empty() => Ok(Self {
+            ) if errors.is_empty() => Ok(Self {
                 command: cli.command.clone().unwrap_or(Command::Serve),
                 listen,
                 database_url,
@@ -349,17 +327,8 @@ impl Config {
                 check_only: cli.check_config,
                 tls,
             }),
-            _ => Err(ConfigErrors(errors.0)),
+            _ => Err(errors.into_errors()),
         }
-    }
-}
-
-#[derive(Default)]
-struct Errors(Vec<String>);
-
-impl Errors {
-    fn take<T>(&mut self, result: Result<T, String>) -> Option<T> {
-        result.map_err(|e| self.0.push(e)).ok()
     }
 }
 

@@ -14,7 +14,6 @@ pub mod config;
 pub mod metrics;
 pub mod pki;
 pub mod store;
-pub mod telemetry;
 pub mod watch;
 
 use std::{net::SocketAddr, time::Duration};
@@ -311,7 +310,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         return probe(args).await;
     }
     let config = Config::from_cli(cli)?;
-    telemetry::init(config.log_format, &config.log).map_err(anyhow::Error::msg)?;
+    weft_plumbing::init_tracing(config.log_format, &config.log).map_err(anyhow::Error::msg)?;
     if config.check_only {
         info!(listen = %config.listen, cluster_cidr = %config.layout.cidr(), "configuration is valid");
         return Ok(());
@@ -364,7 +363,9 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         keepalive: Keepalive::default(),
     };
     let server = RunningServer::start(settings, pool, grpc, metrics_listener).await?;
-    shutdown_signal().await?;
+    weft_plumbing::shutdown_signal()
+        .await
+        .context("waiting for SIGTERM/SIGINT")?;
     info!("shutting down");
     server.shutdown().await;
     Ok(())
@@ -449,16 +450,5 @@ async fn probe(args: &config::ProbeArgs) -> anyhow::Result<()> {
         status == ServingStatus::Serving as i32,
         "not serving (status {status})"
     );
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
     Ok(())
 }

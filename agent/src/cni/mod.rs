@@ -15,6 +15,7 @@ pub mod error;
 pub mod pod;
 pub mod request;
 pub mod result;
+pub mod seams;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -24,11 +25,11 @@ use std::{
 
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
-use tonic::{Code as GrpcCode, Request, Response, Status, transport::Channel};
+use tonic::{Code as GrpcCode, Request, Response, Status};
 use tracing::{debug, error, info, instrument, warn};
 use weft_proto::{
     agent::v1::{ExecRequest, ExecResponse, cni_server::Cni},
-    v1::{self as pb, ipam_client::IpamClient, topology_client::TopologyClient},
+    v1 as pb,
 };
 
 use crate::state::ReleaseJournal;
@@ -37,11 +38,8 @@ use self::{
     error::{CniError, Code},
     pod::{PodNetwork, PodSpec, host_ifname},
     request::{Command, Request as CniRequest},
+    seams::{GrpcIpam, Ipam, Pods},
 };
-
-/// ADD must fail fast (with "try again later") when the server is away.
-const IPAM_TIMEOUT: Duration = Duration::from_secs(5);
-const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// (container id, ifname)
 type AttachmentKey = (String, String);
@@ -115,13 +113,14 @@ impl NodePhase {
     }
 }
 
-/// What the CNI service needs from the rest of the agent.
+/// What the CNI service needs from the rest of the agent: the server's
+/// IPAM and the kernel's pod plumbing behind narrow traits ([`seams`]).
 #[derive(Debug, Clone)]
-pub struct CniService {
+pub struct CniService<I = GrpcIpam, P = PodNetwork> {
     node: String,
     phase: watch::Receiver<NodePhase>,
-    channel: Channel,
-    pods: PodNetwork,
+    ipam: I,
+    pods: P,
     locks: Arc<AttachmentLocks>,
     journal: Arc<ReleaseJournal>,
 }
@@ -155,24 +154,18 @@ fn ipam_error(status: Status, what: &str) -> CniError {
     }
 }
 
-fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.set_timeout(timeout);
-    r
-}
-
-impl CniService {
+impl<I: Ipam, P: Pods> CniService<I, P> {
     pub fn new(
         node: String,
         phase: watch::Receiver<NodePhase>,
-        channel: Channel,
-        pods: PodNetwork,
+        ipam: I,
+        pods: P,
         journal: Arc<ReleaseJournal>,
     ) -> Self {
         Self {
             node,
             phase,
-            channel,
+            ipam,
             pods,
             locks: Arc::default(),
             journal,
@@ -212,7 +205,7 @@ impl CniService {
                         }
                         info!(container_id = %pending.container_id, ifname = %pending.ifname, address = address.as_deref().unwrap_or(""), queued_at = pending.at, "journalled release reported");
                         if let Some(ip) = address {
-                            flush_conntrack(&ip).await;
+                            self.pods.flush_conntrack(&ip).await;
                         }
                     }
                     Err(status) if transient(&status) => {
@@ -250,10 +243,6 @@ impl CniService {
                 error!(error = %e, code = ?status.code(), "server unreachable and the release journal cannot be written; the address stays allocated")
             }
         }
-    }
-
-    fn ipam(&self) -> IpamClient<Channel> {
-        IpamClient::new(self.channel.clone())
     }
 
     /// Handles one request: `Ok(stdout)` or the error to print.
@@ -310,23 +299,19 @@ impl CniService {
             .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is not set"))?;
         // Fail before allocating when the namespace is not there at all,
         // or is a file the agent cannot enter.
-        pod::check_netns(&netns)?;
+        self.pods.check_netns(&netns)?;
         let alloc = self
-            .ipam()
-            .allocate(with_timeout(
-                pb::AllocateRequest {
-                    node_name: self.node.clone(),
-                    container_id: req.container_id.clone(),
-                    ifname: req.ifname.clone(),
-                    pod_namespace: req.pod.namespace.clone(),
-                    pod_name: req.pod.name.clone(),
-                    pod_uid: req.pod.uid.clone(),
-                },
-                IPAM_TIMEOUT,
-            ))
+            .ipam
+            .allocate(pb::AllocateRequest {
+                node_name: self.node.clone(),
+                container_id: req.container_id.clone(),
+                ifname: req.ifname.clone(),
+                pod_namespace: req.pod.namespace.clone(),
+                pod_name: req.pod.name.clone(),
+                pod_uid: req.pod.uid.clone(),
+            })
             .await
-            .map_err(|s| ipam_error(s, "allocating an address"))?
-            .into_inner();
+            .map_err(|s| ipam_error(s, "allocating an address"))?;
         // An attachment whose release is still journalled gets its address
         // back (Allocate is idempotent): the journal must not release it
         // under the new pod. Dropped only now that the server answered, so
@@ -382,20 +367,7 @@ impl CniService {
         container_id: &str,
         ifname: &str,
     ) -> Result<Option<String>, Status> {
-        let released = self
-            .ipam()
-            .release(with_timeout(
-                pb::ReleaseRequest {
-                    node_name: self.node.clone(),
-                    container_id: container_id.to_owned(),
-                    ifname: ifname.to_owned(),
-                },
-                IPAM_TIMEOUT,
-            ))
-            .await?
-            .into_inner()
-            .address;
-        Ok(Some(released).filter(|a| !a.is_empty()))
+        self.ipam.release(&self.node, container_id, ifname).await
     }
 
     #[instrument(skip_all, fields(container_id = %req.container_id, ifname = %req.ifname))]
@@ -415,12 +387,13 @@ impl CniService {
         // address meanwhile.
         let host = host_ifname(&req.container_id, &req.ifname);
         let (unlinked, released) = tokio::join!(self.pods.delete_link(&host), self.release(req));
+        let mut failures = Vec::new();
         match released {
             Ok(released) => {
                 address = released.or(address);
                 // A release journalled by an earlier DEL is done now too.
                 if let Err(e) = self.journal.remove(&req.container_id, &req.ifname) {
-                    error!(error = %e, "cannot update the release journal");
+                    failures.push(format!("updating the release journal: {e}"));
                 }
             }
             // The pod is gone; the server hears of it when it is back.
@@ -431,9 +404,20 @@ impl CniService {
                 warn!(code = ?status.code(), message = status.message(), "the server refused the release")
             }
         }
-        unlinked?;
+        // Every step runs whatever failed before it, and every failure is
+        // reported together (netavark's teardown does the same).
+        if let Some(ip) = &address {
+            self.pods.flush_conntrack(ip).await;
+        }
+        if let Err(e) = unlinked {
+            failures.insert(0, e.msg.clone());
+            let code = e.code;
+            return Err(CniError::new(code, failures.join("; ")).with_details(e.details));
+        }
+        if !failures.is_empty() {
+            return Err(CniError::new(Code::Io, failures.join("; ")));
+        }
         if let Some(ip) = address {
-            flush_conntrack(&ip).await;
             info!(%ip, "pod unwired and released");
         }
         Ok(())
@@ -498,22 +482,18 @@ impl CniService {
             ));
         }
         let alloc = self
-            .ipam()
-            .lookup(with_timeout(
-                pb::LookupRequest {
-                    node_name: self.node.clone(),
-                    container_id: req.container_id.clone(),
-                    ifname: req.ifname.clone(),
-                },
-                IPAM_TIMEOUT,
-            ))
+            .ipam
+            .lookup(pb::LookupRequest {
+                node_name: self.node.clone(),
+                container_id: req.container_id.clone(),
+                ifname: req.ifname.clone(),
+            })
             .await;
         match alloc {
-            Ok(a) if a.get_ref().address == prev.address.to_string() => Ok(()),
+            Ok(a) if a.address == prev.address.to_string() => Ok(()),
             Ok(a) => Err(drift(format!(
                 "the server allocated {}, prevResult says {}",
-                a.get_ref().address,
-                prev.address
+                a.address, prev.address
             ))),
             Err(s) if s.code() == GrpcCode::NotFound => Err(drift(
                 "the server has no allocation for this attachment".into(),
@@ -538,18 +518,13 @@ impl CniService {
             })
             .collect();
         let released = self
-            .ipam()
-            .gc(with_timeout(
-                pb::GcRequest {
-                    node_name: self.node.clone(),
-                    valid,
-                },
-                IPAM_TIMEOUT,
-            ))
+            .ipam
+            .gc(pb::GcRequest {
+                node_name: self.node.clone(),
+                valid,
+            })
             .await
-            .map_err(|s| ipam_error(s, "garbage-collecting addresses"))?
-            .into_inner()
-            .released;
+            .map_err(|s| ipam_error(s, "garbage-collecting addresses"))?;
         let keep: HashSet<String> = req
             .valid_attachments
             .iter()
@@ -564,7 +539,7 @@ impl CniService {
         }
         for a in &released {
             if let Some(ip) = a.address.split('/').next() {
-                flush_conntrack(ip).await;
+                self.pods.flush_conntrack(ip).await;
             }
         }
         info!(released = released.len(), orphans, "GC done");
@@ -578,47 +553,19 @@ impl CniService {
                 "the bridge weft0 is missing; restart weft-agent",
             ));
         }
-        let mut topology = TopologyClient::new(self.channel.clone());
-        topology
-            .heartbeat(with_timeout(
-                pb::HeartbeatRequest {
-                    node_name: self.node.clone(),
-                },
-                STATUS_TIMEOUT,
-            ))
-            .await
-            .map_err(|s| {
-                CniError::new(
-                    Code::NotAvailable,
-                    "weft-server is not reachable: new pods cannot get addresses",
-                )
-                .with_details(s.message().to_owned())
-            })?;
+        self.ipam.heartbeat(&self.node).await.map_err(|s| {
+            CniError::new(
+                Code::NotAvailable,
+                "weft-server is not reachable: new pods cannot get addresses",
+            )
+            .with_details(s.message().to_owned())
+        })?;
         Ok(())
     }
 }
 
-/// Drops conntrack entries of a released address, so a new pod that later
-/// gets it does not inherit flows. Best-effort: `conntrack` exits 1 when
-/// nothing matched, and may not be installed.
-async fn flush_conntrack(ip: &str) {
-    let delete = |flag: &'static str| {
-        tokio::process::Command::new("conntrack")
-            .args(["-D", flag, ip])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-    };
-    // Flows from and to the address, flushed side by side.
-    let (from, to) = tokio::join!(delete("-s"), delete("-d"));
-    if let Err(e) = from.and(to) {
-        warn!(%ip, error = %e, "conntrack not available; flows of the released address are not flushed");
-    }
-}
-
 #[tonic::async_trait]
-impl Cni for CniService {
+impl<I: Ipam, P: Pods> Cni for CniService<I, P> {
     async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
         // The socket is root-only (0600); the kernel-reported credentials
         // are checked too, so a loosened mode does not open the datapath.
@@ -654,5 +601,301 @@ impl Cni for CniService {
             }
         };
         Ok(Response::new(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The service's decisions against recording fakes: no root, no server.
+
+    use std::path::PathBuf;
+
+    use super::{
+        pod::PodSide,
+        seams::fake::{FakeIpam, FakePods},
+        *,
+    };
+    use crate::state::StateDir;
+
+    struct Rig {
+        service: CniService<FakeIpam, FakePods>,
+        ipam: FakeIpam,
+        pods: FakePods,
+        journal: Arc<ReleaseJournal>,
+        phase: watch::Sender<NodePhase>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn rig(name: &str) -> Rig {
+        let dir = std::env::temp_dir().join(format!("weft-cni-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let journal = Arc::new(ReleaseJournal::open(StateDir::open(&dir).unwrap()).unwrap());
+        let (phase, rx) = watch::channel(NodePhase::Ready { mtu: 1450 });
+        let (ipam, pods) = (FakeIpam::default(), FakePods::default());
+        Rig {
+            service: CniService::new(
+                "node-a".into(),
+                rx,
+                ipam.clone(),
+                pods.clone(),
+                journal.clone(),
+            ),
+            ipam,
+            pods,
+            journal,
+            phase,
+            dir,
+        }
+    }
+
+    fn env(command: &str, cid: &str) -> HashMap<String, String> {
+        [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", cid),
+            ("CNI_NETNS", "/var/run/netns/fake"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    const CONF: &[u8] = br#"{"cniVersion":"1.0.0","name":"weft","type":"weft"}"#;
+
+    fn conf_with_prev(address: &str) -> Vec<u8> {
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "weft", "type": "weft",
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/fake"}],
+                "ips": [{"address": address, "gateway": "10.244.0.1", "interface": 0}],
+            }
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_failed_wiring_gives_the_address_back() {
+        let r = rig("rollback");
+        *r.pods.fail_wire.lock().unwrap() = Some(CniError::new(Code::Datapath, "veth refused"));
+        let err = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
+        assert_eq!(err.code, Code::Datapath);
+        assert_eq!(r.ipam.calls(), ["allocate c1", "release c1"]);
+        assert!(r.ipam.held.lock().unwrap().is_empty());
+        assert!(r.journal.pending().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_rollback_the_server_cannot_take_is_journalled() {
+        let r = rig("rollback-journal");
+        *r.pods.fail_wire.lock().unwrap() = Some(CniError::new(Code::Datapath, "veth refused"));
+        // The server answers the Allocate, then cannot take the Release.
+        let service = CniService::new(
+            "node-a".into(),
+            r.phase.subscribe(),
+            FailReleases(r.ipam.clone()),
+            r.pods.clone(),
+            r.journal.clone(),
+        );
+        let err = service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
+        assert_eq!(err.code, Code::Datapath);
+        let pending: Vec<String> = r
+            .journal
+            .pending()
+            .into_iter()
+            .map(|p| p.container_id)
+            .collect();
+        assert_eq!(pending, ["c1"]);
+    }
+
+    /// The fake server, with every Release UNAVAILABLE.
+    #[derive(Debug, Clone)]
+    struct FailReleases(FakeIpam);
+
+    impl Ipam for FailReleases {
+        async fn allocate(&self, req: pb::AllocateRequest) -> Result<pb::AllocateResponse, Status> {
+            self.0.allocate(req).await
+        }
+        async fn release(&self, _: &str, _: &str, _: &str) -> Result<Option<String>, Status> {
+            Err(Status::unavailable("down"))
+        }
+        async fn lookup(&self, req: pb::LookupRequest) -> Result<pb::Allocation, Status> {
+            self.0.lookup(req).await
+        }
+        async fn gc(&self, req: pb::GcRequest) -> Result<Vec<pb::Allocation>, Status> {
+            self.0.gc(req).await
+        }
+        async fn heartbeat(&self, node: &str) -> Result<(), Status> {
+            self.0.heartbeat(node).await
+        }
+    }
+
+    #[tokio::test]
+    async fn del_reports_every_failure_and_still_flushes_conntrack() {
+        let r = rig("del");
+        r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
+        *r.pods.fail_delete.lock().unwrap() = Some(CniError::new(
+            Code::Datapath,
+            "deleting the host veth: EBUSY",
+        ));
+        let err = r.service.handle(&env("DEL", "c1"), CONF).await.unwrap_err();
+        assert_eq!(err.code, Code::Datapath);
+        assert!(err.msg.contains("EBUSY"), "{err:?}");
+        let calls = r.pods.calls();
+        assert!(
+            calls.iter().any(|c| c == "flush_conntrack 10.244.0.2"),
+            "the flush ran although the unlink failed: {calls:?}"
+        );
+        assert!(r.ipam.held.lock().unwrap().is_empty(), "released anyway");
+    }
+
+    #[tokio::test]
+    async fn del_with_the_server_down_succeeds_and_the_flusher_reports_it_later() {
+        let r = rig("del-down");
+        r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
+        *r.ipam.down.lock().unwrap() = true;
+        r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
+        assert!(r.journal.contains("c1", "eth0"));
+        *r.ipam.down.lock().unwrap() = false;
+        let (stop_tx, stop) = watch::channel(false);
+        let flusher = tokio::spawn(
+            r.service
+                .clone()
+                .flush_releases(Duration::from_millis(10), stop),
+        );
+        for _ in 0..200 {
+            if r.journal.pending().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop_tx.send_replace(true);
+        flusher.await.unwrap();
+        assert!(r.journal.pending().is_empty());
+        assert!(r.ipam.held.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn add_waits_for_registration_and_refuses_on_a_fenced_node() {
+        let r = rig("phase");
+        r.phase.send_replace(NodePhase::Starting { mtu: None });
+        let err = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
+        assert_eq!(err.code, Code::TryAgainLater);
+        r.phase.send_replace(NodePhase::Fenced { mtu: 1450 });
+        let err = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
+        assert_eq!(err.code, Code::Ipam);
+        assert!(err.msg.contains("deleted"), "{err:?}");
+        assert!(r.ipam.calls().is_empty(), "no allocation was asked for");
+        // DEL is served in both phases.
+        r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn check_names_what_drifted() {
+        let r = rig("check");
+        r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
+        let good = PodSide {
+            exists: true,
+            up: true,
+            mac: String::new(),
+            mtu: 1450,
+            addresses: vec!["10.244.0.2/24".parse().unwrap()],
+            default_gateway: Some("10.244.0.1".parse().unwrap()),
+        };
+        *r.pods.host_attached.lock().unwrap() = Some(true);
+        let conf = conf_with_prev("10.244.0.2/24");
+        for (side, attached, want) in [
+            (good.clone(), Some(true), None),
+            (
+                PodSide {
+                    mtu: 1400,
+                    ..good.clone()
+                },
+                Some(true),
+                Some("MTU 1400"),
+            ),
+            (
+                PodSide {
+                    up: false,
+                    ..good.clone()
+                },
+                Some(true),
+                Some("down"),
+            ),
+            (
+                PodSide {
+                    default_gateway: None,
+                    ..good.clone()
+                },
+                Some(true),
+                Some("default route"),
+            ),
+            (good.clone(), None, Some("host interface")),
+            (good.clone(), Some(false), Some("not attached")),
+        ] {
+            *r.pods.side.lock().unwrap() = side.clone();
+            *r.pods.host_attached.lock().unwrap() = attached;
+            let got = r.service.handle(&env("CHECK", "c1"), &conf).await;
+            match want {
+                None => assert!(got.is_ok(), "{side:?}: {got:?}"),
+                Some(text) => {
+                    let err = got.unwrap_err();
+                    assert_eq!(err.code, Code::Drift, "{side:?}");
+                    assert!(err.msg.contains(text), "{text}: {err:?}");
+                }
+            }
+        }
+        // The server holding another address is drift; the server away is not.
+        r.ipam
+            .held
+            .lock()
+            .unwrap()
+            .insert("c1".into(), "10.244.0.9/24".into());
+        *r.pods.side.lock().unwrap() = good;
+        *r.pods.host_attached.lock().unwrap() = Some(true);
+        let err = r
+            .service
+            .handle(&env("CHECK", "c1"), &conf)
+            .await
+            .unwrap_err();
+        assert!(err.msg.contains("10.244.0.9"), "{err:?}");
+        *r.ipam.down.lock().unwrap() = true;
+        r.service.handle(&env("CHECK", "c1"), &conf).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn gc_deletes_only_veths_of_unlisted_attachments() {
+        let r = rig("gc");
+        r.service.handle(&env("ADD", "keep"), CONF).await.unwrap();
+        r.service.handle(&env("ADD", "gone"), CONF).await.unwrap();
+        let keep = host_ifname("keep", "eth0");
+        let orphan = host_ifname("gone", "eth0");
+        *r.pods.veths.lock().unwrap() = vec![keep.clone(), orphan.clone()];
+        let conf = serde_json::json!({
+            "cniVersion": "1.1.0", "name": "weft", "type": "weft",
+            "cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}],
+        })
+        .to_string();
+        let mut gc = env("GC", "");
+        gc.remove("CNI_CONTAINERID");
+        r.service.handle(&gc, conf.as_bytes()).await.unwrap();
+        let deleted: Vec<String> = r
+            .pods
+            .calls()
+            .into_iter()
+            .filter_map(|c| c.strip_prefix("delete_link ").map(str::to_owned))
+            .collect();
+        assert_eq!(deleted, [orphan]);
+        let held: Vec<String> = r.ipam.held.lock().unwrap().keys().cloned().collect();
+        assert_eq!(held, ["keep"]);
     }
 }
