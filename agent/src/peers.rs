@@ -2,6 +2,7 @@
 //! a node knows (built from WatchPeers snapshots and changes), the tunnel
 //! entries they imply, and the plan that turns what the kernel has into
 //! what it should have. Nothing here touches the kernel.
+//! (Over 400 lines because the second half is its table-driven tests.)
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -4,12 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::*;
+use weft_testbed::cluster::*;
 
 fn one_node() -> Cluster {
     let mut c = Cluster::new(1);

@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -15,7 +13,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use support::*;
+use weft_testbed::cluster::*;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -4,12 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::{process::Command, time::Duration};
 
 use serde_json::Value;
-use support::*;
+use weft_testbed::cluster::*;
 
 fn wait_for_peers(c: &Cluster, node: usize, count: usize) {
     wait_until(

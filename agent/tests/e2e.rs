@@ -3,15 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::{
     process::{Command, Stdio},
     time::Duration,
 };
 
 use serde_json::json;
-use support::*;
+use weft_testbed::cluster::*;
 
 /// Pods wired through the plugin: (pod name, node, address).
 fn add_pod(c: &mut Cluster, node: usize, name: &str) -> String {

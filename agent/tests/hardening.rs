@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::{fs, time::Duration};
 
 use serde_json::Value;
-use support::*;
+use weft_testbed::cluster::*;
 
 fn add(c: &mut Cluster, node: usize, name: &str) -> (String, Value) {
     let ns = c.pod_netns(name);

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::{collections::BTreeSet, time::Duration};
 
-use support::*;
+use weft_testbed::cluster::*;
 
 /// Blocks on node `n`'s tunnel must be exactly the database's other nodes.
 fn converged(c: &Cluster, n: usize) -> bool {

@@ -177,16 +177,28 @@ impl Cluster {
     /// Wires one pod through the plugin; its netns and address.
     pub fn pod(&self, env: &Env, node: usize, name: &str) -> anyhow::Result<(Netns, String)> {
         let ns = Netns::new(&format!("{}-{name}", self.id))?;
-        let out = crate::cni::exec(
+        let netns = ns.path();
+        let call = weft_testbed::process::CniCall {
+            command: "ADD",
+            container_id: name,
+            netns: &netns,
+            ifname: "eth0",
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={name}"),
+            path: Path::new("/opt/cni/bin"),
+        };
+        let out = weft_testbed::process::exec_plugin_in(
             &self.nodes[node].0,
             &env.shim,
-            Path::new("/opt/cni/bin"),
-            &self.conf(node),
-            "ADD",
-            name,
-            &ns.path(),
+            &call,
+            self.conf(node).as_bytes(),
         )?;
-        let v: serde_json::Value = serde_json::from_slice(&out)?;
+        anyhow::ensure!(
+            out.code == 0,
+            "ADD {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            out.stderr
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let ip = v["ips"][0]["address"]
             .as_str()
             .context("no address")?

@@ -6,7 +6,7 @@
 use std::{
     io::Write,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -14,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde_json::{Value, json};
 
 use crate::{
@@ -23,59 +23,33 @@ use crate::{
     report::{Figure, Report, Target},
 };
 
-/// Runs `cmd` as a CNI plugin invocation: the CNI environment, `conf` on
-/// stdin; its stdout, or an error naming the failure.
+/// Runs `cmd` as a CNI plugin invocation (weft-testbed's, as a runtime
+/// does it); its stdout, or an error naming the failure.
 fn invoke(
-    mut cmd: Command,
+    cmd: Command,
     cni_path: &Path,
     conf: &str,
     command: &str,
     id: &str,
     netns: &str,
 ) -> anyhow::Result<Vec<u8>> {
-    let mut child = cmd
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={id}"),
-        )
-        .env("CNI_PATH", cni_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(conf.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
+    let call = weft_testbed::process::CniCall {
+        command,
+        container_id: id,
+        netns,
+        ifname: "eth0",
+        args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={id}"),
+        path: cni_path,
+    };
+    let out = weft_testbed::process::invoke_plugin(cmd, &call, conf.as_bytes())?;
+    if out.code != 0 {
         bail!(
             "{command} {id}: {}{}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            out.stderr
         );
     }
     Ok(out.stdout)
-}
-
-/// Execs a CNI plugin in `node_ns` as a runtime would; its stdout.
-pub fn exec(
-    node_ns: &str,
-    plugin: &Path,
-    cni_path: &Path,
-    conf: &str,
-    command: &str,
-    id: &str,
-    netns: &str,
-) -> anyhow::Result<Vec<u8>> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", node_ns]).arg(plugin);
-    invoke(cmd, cni_path, conf, command, id, netns)
 }
 
 /// `weft-bench cni-driver`: runs inside the node namespace. ADDs every pod
@@ -134,10 +108,8 @@ fn run_plugin(
     command: &str,
     pod: &str,
 ) -> anyhow::Result<()> {
-    let mut cmd = Command::new(plugin);
-    cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     invoke(
-        cmd,
+        Command::new(plugin),
         Path::new(cni_path),
         conf,
         command,

@@ -13,6 +13,8 @@ pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod pki;
+mod probe;
+pub mod startup;
 pub mod store;
 pub mod watch;
 
@@ -275,24 +277,6 @@ async fn wait_for(mut stopped: signal_watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-/// Connects, retrying while the database is unreachable, starting up or
-/// shutting down (it may start after us, or be failing over); a wrong URL
-/// or password fails at once.
-pub async fn connect_with_retry(url: &str) -> anyhow::Result<PgPool> {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match Store::connect(url).await {
-            Ok(pool) => return Ok(pool),
-            Err(e) if e.is_unavailable() => {
-                warn!(error = %e, retry_in = ?delay, "database unreachable; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            Err(e) => return Err(e).context("connecting to PostgreSQL"),
-        }
-    }
-}
-
 /// The binary's whole life: validate, migrate, serve until SIGTERM/SIGINT.
 pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     if let Some(Command::Certs(args)) = &cli.command {
@@ -307,7 +291,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(Command::Probe(args)) = &cli.command {
-        return probe(args).await;
+        return probe::probe(args).await;
     }
     let config = Config::from_cli(cli)?;
     weft_plumbing::init_tracing(config.log_format, &config.log).map_err(anyhow::Error::msg)?;
@@ -334,7 +318,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
             "serving plaintext without authentication (--insecure-plaintext): anyone who reaches the port can allocate, release and delete"
         );
     }
-    let pool = connect_with_retry(&config.database_url).await?;
+    let pool = startup::connect_with_retry(&config.database_url).await?;
     if config.command == Command::Migrate {
         // sqlx takes an advisory lock, so replicas starting together
         // migrate once.
@@ -345,7 +329,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         info!("database migrations applied");
         return Ok(());
     }
-    ensure_migrated(&pool).await?;
+    startup::ensure_migrated(&pool).await?;
     let grpc = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding gRPC listener {}", config.listen))?;
@@ -368,87 +352,5 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         .context("waiting for SIGTERM/SIGINT")?;
     info!("shutting down");
     server.shutdown().await;
-    Ok(())
-}
-
-/// Serving needs the schema at the binary's version. In the two-role set-up
-/// (docs/security.md) `weft-server migrate` runs as the owning role and the
-/// serving role could not migrate anyway; a single-role database is
-/// migrated here, with a warning that its audit log is not protected.
-pub async fn ensure_migrated(pool: &PgPool) -> anyhow::Result<()> {
-    let applied: Vec<i64> =
-        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(pool)
-            .await
-        {
-            Ok(v) => v,
-            // No migrations table yet: a new database.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
-            Err(e) => return Err(e).context("reading the applied migrations"),
-        };
-    let pending: Vec<i64> = MIGRATOR
-        .iter()
-        .map(|m| m.version)
-        .filter(|v| !applied.contains(v))
-        .collect();
-    if !pending.is_empty() {
-        info!(?pending, "applying database migrations");
-        MIGRATOR.run(pool).await.context(
-            "applying database migrations; if this role may not change the schema, \
-             run `weft-server migrate` as the schema owner first (docs/security.md)",
-        )?;
-    }
-    let owns_audit: bool = sqlx::query_scalar(
-        "SELECT pg_has_role(current_user, tableowner, 'USAGE') FROM pg_tables WHERE tablename = 'audit_log'",
-    )
-    .fetch_one(pool)
-    .await
-    .context("checking who owns audit_log")?;
-    if owns_audit {
-        warn!(
-            "the serving database role owns audit_log and could rewrite it; serve as a role that only reads and appends (docs/security.md)"
-        );
-    }
-    Ok(())
-}
-
-/// One grpc.health.v1 check against a running server.
-async fn probe(args: &config::ProbeArgs) -> anyhow::Result<()> {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let scheme = if args.tls_ca.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", args.addr))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(3));
-    if let Some(ca) = &args.tls_ca {
-        let ca =
-            std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
-        endpoint = endpoint.tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .domain_name(args.tls_server_name.clone()),
-        )?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?
-        .into_inner()
-        .status;
-    anyhow::ensure!(
-        status == ServingStatus::Serving as i32,
-        "not serving (status {status})"
-    );
     Ok(())
 }

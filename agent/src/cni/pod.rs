@@ -1,7 +1,7 @@
 //! Pod plumbing on rtnetlink: the veth pair between `weft0` and the pod's
 //! network namespace. Work inside the pod namespace runs on a short-lived
 //! OS thread that enters it with setns() and opens its own netlink socket
-//! there; a tokio worker never changes namespace.
+//! there ([`super::netns`]); a tokio worker never changes namespace.
 
 use std::{
     fs::File,
@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use futures::{TryStreamExt, future::BoxFuture};
+use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::AddressAttribute,
@@ -18,11 +18,11 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteHeader},
 };
 use rtnetlink::{Handle, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::{
     error::{CniError, Code},
+    netns::in_netns,
     result::{Interface, Wired},
 };
 use crate::{
@@ -35,6 +35,7 @@ fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> CniEr
     move |e| CniError::new(Code::Datapath, format!("{op}: {e}"))
 }
 
+pub use super::netns::check_netns;
 pub use weft_core::names::host_ifname;
 
 fn mac_string(link: &LinkMessage) -> String {
@@ -97,97 +98,6 @@ pub struct PodSide {
     pub mtu: u32,
     pub addresses: Vec<Ipv4Net>,
     pub default_gateway: Option<Ipv4Addr>,
-}
-
-/// Fails unless `netns` is a network namespace this process can see. A
-/// bind mount made in another mount namespace after the agent started (or
-/// under a path without shared propagation) shows up here as the empty file
-/// it was mounted over, and setns() on that would fail late and obscurely.
-pub fn check_netns(netns: &Path) -> Result<(), CniError> {
-    let not_here = |what: String| {
-        CniError::new(
-            Code::Netns,
-            format!(
-                "CNI_NETNS {} is {what}, not a network namespace the agent can see; \
-                 if the runtime mounted it, the mount did not propagate into the agent's \
-                 mount namespace (mount /run/netns into the agent with HostToContainer \
-                 propagation, see docs/troubleshooting.md)",
-                netns.display()
-            ),
-        )
-    };
-    let stat = match nix::sys::statfs::statfs(netns) {
-        Ok(stat) => stat,
-        Err(nix::errno::Errno::ENOENT) => {
-            return Err(CniError::new(
-                Code::Netns,
-                format!("network namespace {} does not exist", netns.display()),
-            ));
-        }
-        Err(e) => {
-            return Err(CniError::new(
-                Code::Netns,
-                format!("cannot inspect network namespace {}", netns.display()),
-            )
-            .with_details(e.to_string()));
-        }
-    };
-    if stat.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
-        let kind = match std::fs::metadata(netns) {
-            Ok(m) if m.is_file() && m.len() == 0 => "an empty file".to_owned(),
-            Ok(m) if m.is_dir() => "a directory".to_owned(),
-            _ => "not on nsfs".to_owned(),
-        };
-        return Err(not_here(kind));
-    }
-    Ok(())
-}
-
-/// Runs `work` with a netlink handle inside the namespace at `netns`.
-async fn in_netns<T: Send + 'static>(
-    netns: &Path,
-    work: impl FnOnce(Handle) -> BoxFuture<'static, Result<T, CniError>> + Send + 'static,
-) -> Result<T, CniError> {
-    let file = File::open(netns).map_err(|e| {
-        CniError::new(
-            Code::Netns,
-            format!("cannot open network namespace {}", netns.display()),
-        )
-        .with_details(e.to_string())
-    })?;
-    let (tx, rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("weft-netns".into())
-        .spawn(move || {
-            let result = (|| {
-                // This thread alone moves into the pod's namespace, and the
-                // socket opened below stays bound to it.
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    CniError::new(Code::Netns, "cannot enter the pod network namespace")
-                        .with_details(e.to_string())
-                })?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| {
-                        CniError::new(Code::Io, format!("starting a netns runtime: {e}"))
-                    })?;
-                rt.block_on(async move {
-                    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
-                        CniError::new(
-                            Code::Io,
-                            format!("netlink socket in the pod namespace: {e}"),
-                        )
-                    })?;
-                    tokio::spawn(conn);
-                    work(handle).await
-                })
-            })();
-            let _ = tx.send(result);
-        })
-        .map_err(|e| CniError::new(Code::Io, format!("spawning the netns thread: {e}")))?;
-    rx.await
-        .map_err(|_| CniError::new(Code::Io, "the netns thread died"))?
 }
 
 async fn inspect(handle: Handle, ifname: String) -> Result<PodSide, CniError> {

@@ -1,7 +1,5 @@
 //! `weft.v1.Admin`: nodes, allocations, history, utilization, deletion.
 
-use std::time::Instant;
-
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 use weft_core::domain::NodeName;
@@ -22,28 +20,23 @@ impl Admin for Services {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
+        self.unary("ListNodes", request, async |caller, _req| {
             self.authorize_admin(&caller, false, "ListNodes").await?;
             let nodes = self.inner.store.list_nodes().await.map_err(status_from)?;
             Ok(Response::new(pb::ListNodesResponse {
                 nodes: nodes.into_iter().map(node_pb).collect(),
             }))
-        }
-        .await;
-        self.finish("ListNodes", start, result)
+        })
+        .await
     }
 
     async fn get_node(
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
+        self.unary("GetNode", request, async |caller, req| {
             self.authorize_admin(&caller, false, "GetNode").await?;
-            let name: NodeName = check("name", &request.get_ref().name)?;
+            let name: NodeName = check("name", &req.name)?;
             let node = self
                 .inner
                 .store
@@ -51,9 +44,8 @@ impl Admin for Services {
                 .await
                 .map_err(status_from)?;
             Ok(Response::new(node_pb(node)))
-        }
-        .await;
-        self.finish("GetNode", start, result)
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(node = %request.get_ref().name))]
@@ -61,11 +53,9 @@ impl Admin for Services {
         &self,
         request: Request<pb::DeleteNodeRequest>,
     ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
+        self.unary("DeleteNode", request, async |caller, req| {
             let actor = self.authorize_admin(&caller, true, "DeleteNode").await?;
-            let name: NodeName = check("name", &request.get_ref().name)?;
+            let name: NodeName = check("name", &req.name)?;
             let (revision, released) = self
                 .inner
                 .store
@@ -80,21 +70,17 @@ impl Admin for Services {
             Ok(Response::new(pb::DeleteNodeResponse {
                 released: released.into_iter().map(allocation_pb).collect(),
             }))
-        }
-        .await;
-        self.finish("DeleteNode", start, result)
+        })
+        .await
     }
 
     async fn list_allocations(
         &self,
         request: Request<pb::ListAllocationsRequest>,
     ) -> Result<Response<pb::ListAllocationsResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
+        self.unary("ListAllocations", request, async |caller, req| {
             self.authorize_admin(&caller, false, "ListAllocations")
                 .await?;
-            let req = request.into_inner();
             let filter = AllocationFilter {
                 node_name: check_optional::<NodeName>("node_name", &req.node_name)?
                     .map(|n| n.to_string()),
@@ -129,20 +115,16 @@ impl Admin for Services {
                 allocations: allocations.into_iter().map(allocation_pb).collect(),
                 next_page_token,
             }))
-        }
-        .await;
-        self.finish("ListAllocations", start, result)
+        })
+        .await
     }
 
     async fn history(
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
+        self.unary("History", request, async |caller, req| {
             self.authorize_admin(&caller, false, "History").await?;
-            let req = request.into_inner();
             let key = match (req.address.is_empty(), req.container_id.is_empty()) {
                 (false, true) => HistoryKey::Address(check_ipv4("address", &req.address)?),
                 (true, false) => HistoryKey::Container(check("container_id", &req.container_id)?),
@@ -181,18 +163,15 @@ impl Admin for Services {
                 entries: entries.into_iter().map(audit_pb).collect(),
                 next_page_token,
             }))
-        }
-        .await;
-        self.finish("History", start, result)
+        })
+        .await
     }
 
     async fn utilization(
         &self,
         request: Request<pb::UtilizationRequest>,
     ) -> Result<Response<pb::UtilizationResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
+        self.unary("Utilization", request, async |caller, _req| {
             self.authorize_admin(&caller, false, "Utilization").await?;
             let store = &self.inner.store;
             let rows = store.utilization().await.map_err(status_from)?;
@@ -216,8 +195,7 @@ impl Admin for Services {
                 blocks_capacity: layout.block_count(),
                 nodes,
             }))
-        }
-        .await;
-        self.finish("Utilization", start, result)
+        })
+        .await
     }
 }

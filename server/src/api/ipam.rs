@@ -1,7 +1,5 @@
 //! `weft.v1.Ipam`: Allocate, Release, Gc and Lookup for one node's pods.
 
-use std::time::Instant;
-
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 use weft_core::domain::{NodeName, PodRef};
@@ -22,10 +20,7 @@ impl Ipam for Services {
         &self,
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
-            let req = request.into_inner();
+        self.unary("Allocate", request, async |caller, req| {
             let node: NodeName = check("node_name", &req.node_name)?;
             let actor = self.authorize_node(&caller, &node, "Allocate").await?;
             let _permit = self.admit(&node).await?;
@@ -54,9 +49,8 @@ impl Ipam for Services {
                 gateway: record.block.gateway().to_string(),
                 mtu: self.inner.mtu_hint,
             }))
-        }
-        .await;
-        self.finish("Allocate", start, result)
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(node = %request.get_ref().node_name, container_id = %request.get_ref().container_id, ifname = %request.get_ref().ifname))]
@@ -64,10 +58,7 @@ impl Ipam for Services {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
-            let req = request.into_inner();
+        self.unary("Release", request, async |caller, req| {
             let node: NodeName = check("node_name", &req.node_name)?;
             let actor = self.authorize_node(&caller, &node, "Release").await?;
             let _permit = self.admit(&node).await?;
@@ -87,9 +78,8 @@ impl Ipam for Services {
                 None => String::new(),
             };
             Ok(Response::new(pb::ReleaseResponse { address }))
-        }
-        .await;
-        self.finish("Release", start, result)
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(node = %request.get_ref().node_name, valid = request.get_ref().valid.len()))]
@@ -97,10 +87,7 @@ impl Ipam for Services {
         &self,
         request: Request<pb::GcRequest>,
     ) -> Result<Response<pb::GcResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
-            let req = request.into_inner();
+        self.unary("Gc", request, async |caller, req| {
             let node: NodeName = check("node_name", &req.node_name)?;
             let actor = self.authorize_node(&caller, &node, "Gc").await?;
             let _permit = self.admit(&node).await?;
@@ -130,19 +117,15 @@ impl Ipam for Services {
             Ok(Response::new(pb::GcResponse {
                 released: released.into_iter().map(allocation_pb).collect(),
             }))
-        }
-        .await;
-        self.finish("Gc", start, result)
+        })
+        .await
     }
 
     async fn lookup(
         &self,
         request: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::Allocation>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
-            let req = request.into_inner();
+        self.unary("Lookup", request, async |caller, req| {
             let node: NodeName = check("node_name", &req.node_name)?;
             self.authorize_node(&caller, &node, "Lookup").await?;
             let _permit = self.admit(&node).await?;
@@ -159,8 +142,7 @@ impl Ipam for Services {
                         attachment.container_id, attachment.ifname
                     ))
                 })
-        }
-        .await;
-        self.finish("Lookup", start, result)
+        })
+        .await
     }
 }

@@ -132,6 +132,23 @@ impl Services {
         }
     }
 
+    /// Runs one unary handler: the caller's identity from the certificate
+    /// first, then `handler` with it and the message, then latency and
+    /// status recorded (and failures logged) in one place.
+    async fn unary<Req, Resp>(
+        &self,
+        method: &'static str,
+        request: tonic::Request<Req>,
+        handler: impl AsyncFnOnce(Caller, Req) -> Result<tonic::Response<Resp>, Status>,
+    ) -> Result<tonic::Response<Resp>, Status> {
+        let start = Instant::now();
+        let result = match self.caller(&request) {
+            Ok(caller) => handler(caller, request.into_inner()).await,
+            Err(status) => Err(status),
+        };
+        self.finish(method, start, result)
+    }
+
     /// Records latency and status code of one call.
     fn finish<T>(
         &self,

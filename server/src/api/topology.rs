@@ -1,6 +1,6 @@
 //! `weft.v1.Topology`: registration, the peer stream, heartbeats.
 
-use std::{pin::Pin, time::Instant};
+use std::pin::Pin;
 
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -28,10 +28,7 @@ impl Topology for Services {
         &self,
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
-            let req = request.into_inner();
+        self.unary("RegisterNode", request, async |caller, req| {
             let node: NodeName = check("node_name", &req.node_name)?;
             let underlay: UnderlayIp = check("underlay_ip", &req.underlay_ip)?;
             let mac: MacAddr = check("vtep_mac", &req.vtep_mac)?;
@@ -64,9 +61,8 @@ impl Topology for Services {
                 mtu_hint: self.inner.mtu_hint,
                 revision: reg.revision,
             }))
-        }
-        .await;
-        self.finish("RegisterNode", start, result)
+        })
+        .await
     }
 
     type WatchPeersStream = PeerStream;
@@ -116,10 +112,8 @@ impl Topology for Services {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let start = Instant::now();
-        let result = async {
-            let caller = self.caller(&request)?;
-            let node: NodeName = check("node_name", &request.get_ref().node_name)?;
+        self.unary("Heartbeat", request, async |caller, req| {
+            let node: NodeName = check("node_name", &req.node_name)?;
             self.authorize_node(&caller, &node, "Heartbeat").await?;
             let _permit = self.admit(&node).await?;
             self.inner
@@ -128,8 +122,7 @@ impl Topology for Services {
                 .await
                 .map_err(status_from)?;
             Ok(Response::new(pb::HeartbeatResponse {}))
-        }
-        .await;
-        self.finish("Heartbeat", start, result)
+        })
+        .await
     }
 }

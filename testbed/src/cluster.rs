@@ -2,19 +2,23 @@
 //! tests: a fabric bridge, a control namespace running the real
 //! weft-server on 198.51.100.254, and node namespaces running the real
 //! weft-agent. Everything it made (namespaces, processes, database) is
-//! removed on drop, which also runs when a test panics.
+//! removed on drop, which also runs when a test panics. Helpers here fail
+//! the test on error, on top of [`crate::process`]. (One type whose
+//! methods are the verbs the tests speak in, hence one long file.)
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness fails loudly by design
 
 use std::{
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
+
+use crate::process::{self, CniCall};
 
 pub const SERVER_IP: &str = "198.51.100.254";
 pub const REPLICA_IP: &str = "198.51.100.253";
@@ -22,7 +26,7 @@ pub const REPLICA_IP: &str = "198.51.100.253";
 /// Root is needed for namespaces. Outside CI a test may skip; in CI the
 /// datapath must never go untested.
 pub fn require_root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
+    if process::is_root() {
         return true;
     }
     assert!(
@@ -33,18 +37,9 @@ pub fn require_root() -> bool {
     false
 }
 
+/// Runs `cmd`, failing the test with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    process::run(cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn ip(args: &[&str]) {
@@ -52,7 +47,7 @@ fn ip(args: &[&str]) {
 }
 
 pub fn in_ns(ns: &str, args: &[&str]) -> Output {
-    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+    process::in_ns(ns, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 pub fn in_ns_json(ns: &str, args: &[&str]) -> Value {
@@ -65,25 +60,17 @@ pub fn in_ns_json(ns: &str, args: &[&str]) -> Value {
 }
 
 fn bin_dir() -> PathBuf {
-    // target/<profile>/deps/<test> -> target/<profile>
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    process::bin_dir()
 }
 
-pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_until(what: &str, timeout: Duration, check: impl FnMut() -> bool) {
+    process::wait_until(what, timeout, check).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A helper process that dies with the test, also when it panics.
+#[derive(Debug)]
 pub struct KillOnDrop(pub Option<Child>);
 
 impl KillOnDrop {
@@ -101,11 +88,13 @@ impl Drop for KillOnDrop {
     }
 }
 
+#[derive(Debug)]
 pub struct Agent {
     pub child: Child,
     pub log: PathBuf,
 }
 
+#[derive(Debug)]
 pub struct Cluster {
     pub id: String,
     pub fabric: String,
@@ -670,43 +659,33 @@ impl Cluster {
         pod: &str,
         conf: &Value,
     ) -> CniOutput {
-        use std::io::Write;
-        let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{pod}"
-        );
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.nodes[node]])
-            .arg(bin_dir().join("weft"))
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container_id)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_ARGS", args)
-            .env("CNI_PATH", "/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let call = CniCall {
+            command,
+            container_id,
+            netns,
+            ifname: "eth0",
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{pod}"
+            ),
+            path: Path::new("/opt/cni/bin"),
+        };
+        let out = process::exec_plugin_in(
+            &self.nodes[node],
+            &bin_dir().join("weft"),
+            &call,
+            conf.to_string().as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         let text = String::from_utf8_lossy(&out.stdout);
         CniOutput {
-            code: out.status.code().unwrap_or(-1),
+            code: out.code,
             stdout: if text.trim().is_empty() {
                 Value::Null
             } else {
                 serde_json::from_str(&text)
                     .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text}"))
             },
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stderr: out.stderr,
         }
     }
 

@@ -1,0 +1,102 @@
+//! Entering a pod's network namespace: checking that the path is one the
+//! agent can see, and running netlink work inside it on a short-lived OS
+//! thread (setns() moves only that thread; its socket stays bound there).
+
+use std::{fs::File, path::Path};
+
+use futures::future::BoxFuture;
+use rtnetlink::Handle;
+use tokio::sync::oneshot;
+
+use super::error::{CniError, Code};
+
+/// Fails unless `netns` is a network namespace this process can see. A
+/// bind mount made in another mount namespace after the agent started (or
+/// under a path without shared propagation) shows up here as the empty file
+/// it was mounted over, and setns() on that would fail late and obscurely.
+pub fn check_netns(netns: &Path) -> Result<(), CniError> {
+    let not_here = |what: String| {
+        CniError::new(
+            Code::Netns,
+            format!(
+                "CNI_NETNS {} is {what}, not a network namespace the agent can see; \
+                 if the runtime mounted it, the mount did not propagate into the agent's \
+                 mount namespace (mount /run/netns into the agent with HostToContainer \
+                 propagation, see docs/troubleshooting.md)",
+                netns.display()
+            ),
+        )
+    };
+    let stat = match nix::sys::statfs::statfs(netns) {
+        Ok(stat) => stat,
+        Err(nix::errno::Errno::ENOENT) => {
+            return Err(CniError::new(
+                Code::Netns,
+                format!("network namespace {} does not exist", netns.display()),
+            ));
+        }
+        Err(e) => {
+            return Err(CniError::new(
+                Code::Netns,
+                format!("cannot inspect network namespace {}", netns.display()),
+            )
+            .with_details(e.to_string()));
+        }
+    };
+    if stat.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        let kind = match std::fs::metadata(netns) {
+            Ok(m) if m.is_file() && m.len() == 0 => "an empty file".to_owned(),
+            Ok(m) if m.is_dir() => "a directory".to_owned(),
+            _ => "not on nsfs".to_owned(),
+        };
+        return Err(not_here(kind));
+    }
+    Ok(())
+}
+
+/// Runs `work` with a netlink handle inside the namespace at `netns`.
+pub(super) async fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    work: impl FnOnce(Handle) -> BoxFuture<'static, Result<T, CniError>> + Send + 'static,
+) -> Result<T, CniError> {
+    let file = File::open(netns).map_err(|e| {
+        CniError::new(
+            Code::Netns,
+            format!("cannot open network namespace {}", netns.display()),
+        )
+        .with_details(e.to_string())
+    })?;
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("weft-netns".into())
+        .spawn(move || {
+            let result = (|| {
+                // This thread alone moves into the pod's namespace, and the
+                // socket opened below stays bound to it.
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    CniError::new(Code::Netns, "cannot enter the pod network namespace")
+                        .with_details(e.to_string())
+                })?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| {
+                        CniError::new(Code::Io, format!("starting a netns runtime: {e}"))
+                    })?;
+                rt.block_on(async move {
+                    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
+                        CniError::new(
+                            Code::Io,
+                            format!("netlink socket in the pod namespace: {e}"),
+                        )
+                    })?;
+                    tokio::spawn(conn);
+                    work(handle).await
+                })
+            })();
+            let _ = tx.send(result);
+        })
+        .map_err(|e| CniError::new(Code::Io, format!("spawning the netns thread: {e}")))?;
+    rx.await
+        .map_err(|_| CniError::new(Code::Io, "the netns thread died"))?
+}
