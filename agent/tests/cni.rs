@@ -1,6 +1,7 @@
 //! The real `weft` plugin binary, exec'd with the environment and stdin a
 //! container runtime passes for a Kubernetes pod, against the real agent,
 //! server and PostgreSQL (needs root; CI runs as root).
+//! (Over 400 lines: one suite, a test per behaviour.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

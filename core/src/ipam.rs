@@ -82,6 +82,16 @@ impl ClusterLayout {
     pub fn first_free_block(&self, used: &HashSet<u32>) -> Option<u32> {
         (0..self.block_count()).find(|i| !used.contains(i))
     }
+
+    /// The block a newly registering node gets: the one it held before,
+    /// if that is still quarantined for it and nobody else holds it (its
+    /// pods may still use those addresses), else the lowest free one.
+    /// `used` holds every assigned and every quarantined block.
+    pub fn block_for_new_node(&self, used: &HashSet<u32>, own_retired: Option<u32>) -> Option<u32> {
+        own_retired
+            .filter(|i| !used.contains(i) && self.block(*i).is_some())
+            .or_else(|| self.first_free_block(used))
+    }
 }
 
 /// Offset 0 of a node block: the node's VXLAN address, and the next hop
@@ -239,6 +249,19 @@ mod tests {
         assert_eq!(l.first_free_block(&HashSet::from([0, 1, 3])), Some(2));
         let all: HashSet<u32> = (0..256).collect();
         assert_eq!(l.first_free_block(&all), None);
+    }
+
+    #[test]
+    fn a_returning_node_gets_its_quarantined_block_back_others_the_lowest_free() {
+        let l = layout("10.244.0.0/16", 24);
+        let used = HashSet::from([0, 1, 3]);
+        assert_eq!(l.block_for_new_node(&used, None), Some(2));
+        assert_eq!(l.block_for_new_node(&used, Some(7)), Some(7));
+        // Taken meanwhile, or outside the layout: the lowest free instead.
+        assert_eq!(l.block_for_new_node(&used, Some(3)), Some(2));
+        assert_eq!(l.block_for_new_node(&used, Some(999)), Some(2));
+        let all: HashSet<u32> = (0..256).collect();
+        assert_eq!(l.block_for_new_node(&all, None), None);
     }
 
     #[test]

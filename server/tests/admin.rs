@@ -1,4 +1,5 @@
 //! weft.v1.Admin and the audit trail against a real PostgreSQL.
+//! (Over 400 lines: one suite, a test per behaviour.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 

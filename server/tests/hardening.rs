@@ -3,6 +3,7 @@
 //! another's tunnel endpoint, connections that die without a FIN, a burst
 //! from one node, a serving role trying to rewrite the audit log, replicas
 //! with different layouts.
+//! (Over 400 lines: one suite, a test per behaviour.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 

@@ -1,5 +1,6 @@
 //! weft.v1.Ipam against a real PostgreSQL: allocation, idempotency,
 //! round-robin, exhaustion, release, GC and concurrency, checked by SQL.
+//! (Over 400 lines: one suite, a test per behaviour.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 

@@ -1,5 +1,6 @@
 //! weft.v1.Topology against a real PostgreSQL: registration, heartbeats and
 //! the peer stream with resume, history loss and slow watchers.
+//! (Over 400 lines: one suite, a test per behaviour.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 

@@ -18,6 +18,7 @@ pub mod error;
 mod locks;
 mod netns;
 pub mod pod;
+pub mod pod_error;
 mod releases;
 pub mod request;
 pub mod result;
@@ -247,7 +248,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 if let Err(status) = self.release(req).await {
                     self.journal_release(&req.container_id, &req.ifname, &status);
                 }
-                Err(e)
+                Err(e.into())
             }
         }
     }
@@ -304,9 +305,9 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             self.pods.flush_conntrack(ip).await;
         }
         if let Err(e) = unlinked {
+            let e = CniError::from(e);
             failures.insert(0, e.msg.clone());
-            let code = e.code;
-            return Err(CniError::new(code, failures.join("; ")).with_details(e.details));
+            return Err(CniError::new(e.code, failures.join("; ")).with_details(e.details));
         }
         if !failures.is_empty() {
             return Err(CniError::new(Code::Io, failures.join("; ")));

@@ -8,16 +8,16 @@ use futures::future::BoxFuture;
 use rtnetlink::Handle;
 use tokio::sync::oneshot;
 
-use super::error::{CniError, Code};
+use super::pod_error::{PodError, PodErrorKind};
 
 /// Fails unless `netns` is a network namespace this process can see. A
 /// bind mount made in another mount namespace after the agent started (or
 /// under a path without shared propagation) shows up here as the empty file
 /// it was mounted over, and setns() on that would fail late and obscurely.
-pub fn check_netns(netns: &Path) -> Result<(), CniError> {
+pub fn check_netns(netns: &Path) -> Result<(), PodError> {
     let not_here = |what: String| {
-        CniError::new(
-            Code::Netns,
+        PodError::new(
+            PodErrorKind::Netns,
             format!(
                 "CNI_NETNS {} is {what}, not a network namespace the agent can see; \
                  if the runtime mounted it, the mount did not propagate into the agent's \
@@ -30,14 +30,14 @@ pub fn check_netns(netns: &Path) -> Result<(), CniError> {
     let stat = match nix::sys::statfs::statfs(netns) {
         Ok(stat) => stat,
         Err(nix::errno::Errno::ENOENT) => {
-            return Err(CniError::new(
-                Code::Netns,
+            return Err(PodError::new(
+                PodErrorKind::Netns,
                 format!("network namespace {} does not exist", netns.display()),
             ));
         }
         Err(e) => {
-            return Err(CniError::new(
-                Code::Netns,
+            return Err(PodError::new(
+                PodErrorKind::Netns,
                 format!("cannot inspect network namespace {}", netns.display()),
             )
             .with_details(e.to_string()));
@@ -57,11 +57,11 @@ pub fn check_netns(netns: &Path) -> Result<(), CniError> {
 /// Runs `work` with a netlink handle inside the namespace at `netns`.
 pub(super) async fn in_netns<T: Send + 'static>(
     netns: &Path,
-    work: impl FnOnce(Handle) -> BoxFuture<'static, Result<T, CniError>> + Send + 'static,
-) -> Result<T, CniError> {
+    work: impl FnOnce(Handle) -> BoxFuture<'static, Result<T, PodError>> + Send + 'static,
+) -> Result<T, PodError> {
     let file = File::open(netns).map_err(|e| {
-        CniError::new(
-            Code::Netns,
+        PodError::new(
+            PodErrorKind::Netns,
             format!("cannot open network namespace {}", netns.display()),
         )
         .with_details(e.to_string())
@@ -74,19 +74,25 @@ pub(super) async fn in_netns<T: Send + 'static>(
                 // This thread alone moves into the pod's namespace, and the
                 // socket opened below stays bound to it.
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    CniError::new(Code::Netns, "cannot enter the pod network namespace")
-                        .with_details(e.to_string())
+                    PodError::new(
+                        PodErrorKind::Netns,
+                        "cannot enter the pod network namespace",
+                    )
+                    .with_details(e.to_string())
                 })?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .map_err(|e| {
-                        CniError::new(Code::Io, format!("starting a netns runtime: {e}"))
+                        PodError::new(
+                            PodErrorKind::Local,
+                            format!("starting a netns runtime: {e}"),
+                        )
                     })?;
                 rt.block_on(async move {
                     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
-                        CniError::new(
-                            Code::Io,
+                        PodError::new(
+                            PodErrorKind::Local,
                             format!("netlink socket in the pod namespace: {e}"),
                         )
                     })?;
@@ -96,7 +102,12 @@ pub(super) async fn in_netns<T: Send + 'static>(
             })();
             let _ = tx.send(result);
         })
-        .map_err(|e| CniError::new(Code::Io, format!("spawning the netns thread: {e}")))?;
+        .map_err(|e| {
+            PodError::new(
+                PodErrorKind::Local,
+                format!("spawning the netns thread: {e}"),
+            )
+        })?;
     rx.await
-        .map_err(|_| CniError::new(Code::Io, "the netns thread died"))?
+        .map_err(|_| PodError::new(PodErrorKind::Local, "the netns thread died"))?
 }

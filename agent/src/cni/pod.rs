@@ -2,6 +2,7 @@
 //! network namespace. Work inside the pod namespace runs on a short-lived
 //! OS thread that enters it with setns() and opens its own netlink socket
 //! there ([`super::netns`]); a tokio worker never changes namespace.
+//! (A little over 400 lines: wiring and its undo read best as one piece.)
 
 use std::{
     fs::File,
@@ -21,8 +22,8 @@ use rtnetlink::{Handle, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilde
 use tracing::{debug, warn};
 
 use super::{
-    error::{CniError, Code},
     netns::in_netns,
+    pod_error::{PodError, PodErrorKind},
     result::{Interface, Wired},
 };
 use crate::{
@@ -30,9 +31,9 @@ use crate::{
     datapath::netlink::{ENODEV, errno, link_mtu},
 };
 
-fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> CniError {
+fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> PodError {
     let op = op.into();
-    move |e| CniError::new(Code::Datapath, format!("{op}: {e}"))
+    move |e| PodError::new(PodErrorKind::Kernel, format!("{op}: {e}"))
 }
 
 pub use super::netns::check_netns;
@@ -60,7 +61,7 @@ fn link_controller(link: &LinkMessage) -> Option<u32> {
     })
 }
 
-async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
+async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, PodError> {
     match handle
         .link()
         .get()
@@ -100,7 +101,7 @@ pub struct PodSide {
     pub default_gateway: Option<Ipv4Addr>,
 }
 
-async fn inspect(handle: Handle, ifname: String) -> Result<PodSide, CniError> {
+async fn inspect(handle: Handle, ifname: String) -> Result<PodSide, PodError> {
     let Some(link) = link_by_name(&handle, &ifname).await? else {
         return Ok(PodSide::default());
     };
@@ -164,7 +165,7 @@ async fn configure(
     ifname: String,
     address: Ipv4Net,
     gateway: Ipv4Addr,
-) -> Result<String, CniError> {
+) -> Result<String, PodError> {
     if let Some(lo) = link_by_name(&handle, "lo").await? {
         handle
             .link()
@@ -174,8 +175,8 @@ async fn configure(
             .map_err(datapath_err("bringing lo up in the pod"))?;
     }
     let link = link_by_name(&handle, &ifname).await?.ok_or_else(|| {
-        CniError::new(
-            Code::Datapath,
+        PodError::new(
+            PodErrorKind::Kernel,
             format!("{ifname} did not appear in the pod namespace"),
         )
     })?;
@@ -206,9 +207,12 @@ async fn configure(
         .map_err(datapath_err(format!(
             "adding the default route via {gateway}"
         )))?;
-    let link = link_by_name(&handle, &ifname)
-        .await?
-        .ok_or_else(|| CniError::new(Code::Datapath, format!("{ifname} vanished in the pod")))?;
+    let link = link_by_name(&handle, &ifname).await?.ok_or_else(|| {
+        PodError::new(
+            PodErrorKind::Kernel,
+            format!("{ifname} vanished in the pod"),
+        )
+    })?;
     Ok(mac_string(&link))
 }
 
@@ -235,20 +239,20 @@ impl PodNetwork {
     }
 
     /// Reads the pod side of an attachment (nothing if the netns is gone).
-    pub async fn inspect(&self, netns: &Path, ifname: &str) -> Result<PodSide, CniError> {
+    pub async fn inspect(&self, netns: &Path, ifname: &str) -> Result<PodSide, PodError> {
         let ifname = ifname.to_owned();
         in_netns(netns, move |h| Box::pin(inspect(h, ifname))).await
     }
 
     /// Wires the pod, or returns the existing wiring if it is already as
     /// requested (a retried ADD). Undoes its own steps on failure.
-    pub async fn wire(&self, spec: &PodSpec) -> Result<Wired, CniError> {
+    pub async fn wire(&self, spec: &PodSpec) -> Result<Wired, PodError> {
         let host = host_ifname(&spec.container_id, &spec.ifname);
         let bridge = link_by_name(&self.handle, BRIDGE_NAME)
             .await?
             .ok_or_else(|| {
-                CniError::new(
-                    Code::TryAgainLater,
+                PodError::new(
+                    PodErrorKind::NotReady,
                     format!("{BRIDGE_NAME} does not exist yet; the node is not ready"),
                 )
             })?;
@@ -267,8 +271,8 @@ impl PodNetwork {
         }
 
         let netns = File::open(&spec.netns).map_err(|e| {
-            CniError::new(
-                Code::Netns,
+            PodError::new(
+                PodErrorKind::Netns,
                 format!("cannot open network namespace {}", spec.netns.display()),
             )
             .with_details(e.to_string())
@@ -304,7 +308,7 @@ impl PodNetwork {
         spec: &PodSpec,
         host: &str,
         bridge: u32,
-    ) -> Result<Wired, CniError> {
+    ) -> Result<Wired, PodError> {
         let t = std::time::Instant::now();
         let (ifname, address, gateway) = (spec.ifname.clone(), spec.address, spec.gateway);
         let pod_mac = in_netns(&spec.netns, move |h| {
@@ -319,7 +323,7 @@ impl PodNetwork {
 
         let host_link = link_by_name(&self.handle, host)
             .await?
-            .ok_or_else(|| CniError::new(Code::Datapath, format!("{host} vanished")))?;
+            .ok_or_else(|| PodError::new(PodErrorKind::Kernel, format!("{host} vanished")))?;
         let index = host_link.header.index;
         self.handle
             .link()
@@ -365,7 +369,7 @@ impl PodNetwork {
     }
 
     /// Deletes a host link; one already gone is fine.
-    pub async fn delete_link(&self, name: &str) -> Result<(), CniError> {
+    pub async fn delete_link(&self, name: &str) -> Result<(), PodError> {
         let Some(link) = link_by_name(&self.handle, name).await? else {
             return Ok(());
         };
@@ -380,7 +384,7 @@ impl PodNetwork {
         &self,
         container_id: &str,
         ifname: &str,
-    ) -> Result<Option<bool>, CniError> {
+    ) -> Result<Option<bool>, PodError> {
         let Some(link) = link_by_name(&self.handle, &host_ifname(container_id, ifname)).await?
         else {
             return Ok(None);
@@ -392,7 +396,7 @@ impl PodNetwork {
     }
 
     /// Host-side veths Weft made (by name) that are on the bridge.
-    pub async fn host_veths(&self) -> Result<Vec<String>, CniError> {
+    pub async fn host_veths(&self) -> Result<Vec<String>, PodError> {
         let Some(bridge) = link_by_name(&self.handle, BRIDGE_NAME).await? else {
             return Ok(Vec::new());
         };
@@ -418,7 +422,7 @@ impl PodNetwork {
             .collect())
     }
 
-    pub async fn bridge_exists(&self) -> Result<bool, CniError> {
+    pub async fn bridge_exists(&self) -> Result<bool, PodError> {
         Ok(link_by_name(&self.handle, BRIDGE_NAME).await?.is_some())
     }
 }

@@ -11,8 +11,8 @@ use tonic::{Request, Status, transport::Channel};
 use weft_proto::v1::{self as pb, ipam_client::IpamClient, topology_client::TopologyClient};
 
 use super::{
-    error::CniError,
     pod::{PodNetwork, PodSide, PodSpec},
+    pod_error::PodError,
     result::Wired,
 };
 
@@ -48,23 +48,23 @@ pub trait Ipam: Clone + Send + Sync + 'static {
 /// Pod plumbing in the kernel.
 pub trait Pods: Clone + Send + Sync + 'static {
     /// Fails unless `netns` is a network namespace the agent can enter.
-    fn check_netns(&self, netns: &Path) -> Result<(), CniError>;
-    fn wire(&self, spec: &PodSpec) -> impl Future<Output = Result<Wired, CniError>> + Send;
+    fn check_netns(&self, netns: &Path) -> Result<(), PodError>;
+    fn wire(&self, spec: &PodSpec) -> impl Future<Output = Result<Wired, PodError>> + Send;
     fn inspect(
         &self,
         netns: &Path,
         ifname: &str,
-    ) -> impl Future<Output = Result<PodSide, CniError>> + Send;
+    ) -> impl Future<Output = Result<PodSide, PodError>> + Send;
     /// Deletes a host veth; a missing one is not an error.
-    fn delete_link(&self, name: &str) -> impl Future<Output = Result<(), CniError>> + Send;
+    fn delete_link(&self, name: &str) -> impl Future<Output = Result<(), PodError>> + Send;
     /// `None`: the host end is missing; `Some(attached to weft0)`.
     fn host_side(
         &self,
         container_id: &str,
         ifname: &str,
-    ) -> impl Future<Output = Result<Option<bool>, CniError>> + Send;
-    fn host_veths(&self) -> impl Future<Output = Result<Vec<String>, CniError>> + Send;
-    fn bridge_exists(&self) -> impl Future<Output = Result<bool, CniError>> + Send;
+    ) -> impl Future<Output = Result<Option<bool>, PodError>> + Send;
+    fn host_veths(&self) -> impl Future<Output = Result<Vec<String>, PodError>> + Send;
+    fn bridge_exists(&self) -> impl Future<Output = Result<bool, PodError>> + Send;
     /// Drops conntrack entries of a released address, best-effort.
     fn flush_conntrack(&self, ip: &str) -> impl Future<Output = ()> + Send;
 }
@@ -157,31 +157,31 @@ impl Ipam for GrpcIpam {
 // === impl Pods for PodNetwork ===
 
 impl Pods for PodNetwork {
-    fn check_netns(&self, netns: &Path) -> Result<(), CniError> {
+    fn check_netns(&self, netns: &Path) -> Result<(), PodError> {
         super::pod::check_netns(netns)
     }
 
-    async fn wire(&self, spec: &PodSpec) -> Result<Wired, CniError> {
+    async fn wire(&self, spec: &PodSpec) -> Result<Wired, PodError> {
         PodNetwork::wire(self, spec).await
     }
 
-    async fn inspect(&self, netns: &Path, ifname: &str) -> Result<PodSide, CniError> {
+    async fn inspect(&self, netns: &Path, ifname: &str) -> Result<PodSide, PodError> {
         PodNetwork::inspect(self, netns, ifname).await
     }
 
-    async fn delete_link(&self, name: &str) -> Result<(), CniError> {
+    async fn delete_link(&self, name: &str) -> Result<(), PodError> {
         PodNetwork::delete_link(self, name).await
     }
 
-    async fn host_side(&self, container_id: &str, ifname: &str) -> Result<Option<bool>, CniError> {
+    async fn host_side(&self, container_id: &str, ifname: &str) -> Result<Option<bool>, PodError> {
         PodNetwork::host_side(self, container_id, ifname).await
     }
 
-    async fn host_veths(&self) -> Result<Vec<String>, CniError> {
+    async fn host_veths(&self) -> Result<Vec<String>, PodError> {
         PodNetwork::host_veths(self).await
     }
 
-    async fn bridge_exists(&self) -> Result<bool, CniError> {
+    async fn bridge_exists(&self) -> Result<bool, PodError> {
         PodNetwork::bridge_exists(self).await
     }
 
@@ -317,8 +317,8 @@ pub mod fake {
     #[derive(Debug, Clone, Default)]
     pub struct FakePods {
         pub calls: Arc<Mutex<Vec<String>>>,
-        pub fail_wire: Arc<Mutex<Option<CniError>>>,
-        pub fail_delete: Arc<Mutex<Option<CniError>>>,
+        pub fail_wire: Arc<Mutex<Option<PodError>>>,
+        pub fail_delete: Arc<Mutex<Option<PodError>>>,
         pub side: Arc<Mutex<PodSide>>,
         pub host_attached: Arc<Mutex<Option<bool>>>,
         pub veths: Arc<Mutex<Vec<String>>>,
@@ -335,11 +335,11 @@ pub mod fake {
     }
 
     impl Pods for FakePods {
-        fn check_netns(&self, _netns: &Path) -> Result<(), CniError> {
+        fn check_netns(&self, _netns: &Path) -> Result<(), PodError> {
             Ok(())
         }
 
-        async fn wire(&self, spec: &PodSpec) -> Result<Wired, CniError> {
+        async fn wire(&self, spec: &PodSpec) -> Result<Wired, PodError> {
             self.call(format!("wire {} {}", spec.container_id, spec.address));
             if let Some(e) = lock(&self.fail_wire).clone() {
                 return Err(e);
@@ -361,12 +361,12 @@ pub mod fake {
             })
         }
 
-        async fn inspect(&self, _netns: &Path, ifname: &str) -> Result<PodSide, CniError> {
+        async fn inspect(&self, _netns: &Path, ifname: &str) -> Result<PodSide, PodError> {
             self.call(format!("inspect {ifname}"));
             Ok(lock(&self.side).clone())
         }
 
-        async fn delete_link(&self, name: &str) -> Result<(), CniError> {
+        async fn delete_link(&self, name: &str) -> Result<(), PodError> {
             self.call(format!("delete_link {name}"));
             match lock(&self.fail_delete).clone() {
                 Some(e) => Err(e),
@@ -374,15 +374,15 @@ pub mod fake {
             }
         }
 
-        async fn host_side(&self, _cid: &str, _ifname: &str) -> Result<Option<bool>, CniError> {
+        async fn host_side(&self, _cid: &str, _ifname: &str) -> Result<Option<bool>, PodError> {
             Ok(*lock(&self.host_attached))
         }
 
-        async fn host_veths(&self) -> Result<Vec<String>, CniError> {
+        async fn host_veths(&self) -> Result<Vec<String>, PodError> {
             Ok(lock(&self.veths).clone())
         }
 
-        async fn bridge_exists(&self) -> Result<bool, CniError> {
+        async fn bridge_exists(&self) -> Result<bool, PodError> {
             Ok(true)
         }
 

@@ -4,6 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use super::{
     pod::PodSide,
+    pod_error::{PodError, PodErrorKind},
     seams::fake::{FakeIpam, FakePods},
     *,
 };
@@ -78,7 +79,7 @@ fn conf_with_prev(address: &str) -> Vec<u8> {
 #[tokio::test]
 async fn a_failed_wiring_gives_the_address_back() {
     let r = rig("rollback");
-    *r.pods.fail_wire.lock().unwrap() = Some(CniError::new(Code::Datapath, "veth refused"));
+    *r.pods.fail_wire.lock().unwrap() = Some(PodError::new(PodErrorKind::Kernel, "veth refused"));
     let err = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
     assert_eq!(err.code, Code::Datapath);
     assert_eq!(r.ipam.calls(), ["allocate c1", "release c1"]);
@@ -89,7 +90,7 @@ async fn a_failed_wiring_gives_the_address_back() {
 #[tokio::test]
 async fn a_rollback_the_server_cannot_take_is_journalled() {
     let r = rig("rollback-journal");
-    *r.pods.fail_wire.lock().unwrap() = Some(CniError::new(Code::Datapath, "veth refused"));
+    *r.pods.fail_wire.lock().unwrap() = Some(PodError::new(PodErrorKind::Kernel, "veth refused"));
     // The server answers the Allocate, then cannot take the Release.
     let service = CniService::new(
         "node-a".into(),
@@ -135,8 +136,8 @@ impl Ipam for FailReleases {
 async fn del_reports_every_failure_and_still_flushes_conntrack() {
     let r = rig("del");
     r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
-    *r.pods.fail_delete.lock().unwrap() = Some(CniError::new(
-        Code::Datapath,
+    *r.pods.fail_delete.lock().unwrap() = Some(PodError::new(
+        PodErrorKind::Kernel,
         "deleting the host veth: EBUSY",
     ));
     let err = r.service.handle(&env("DEL", "c1"), CONF).await.unwrap_err();

@@ -109,11 +109,9 @@ impl Store {
                         .into_iter()
                         .filter_map(|i| u32::try_from(i).ok())
                         .collect();
-                    let own_retired = own_retired
-                        .and_then(|i| u32::try_from(i).ok())
-                        .filter(|i| !used.contains(i) && layout.block(*i).is_some());
-                    let index = own_retired
-                        .or_else(|| layout.first_free_block(&used))
+                    let own_retired = own_retired.and_then(|i| u32::try_from(i).ok());
+                    let index = layout
+                        .block_for_new_node(&used, own_retired)
                         .ok_or_else(|| StoreError::NoFreeBlock {
                             node: name.clone(),
                             cidr: layout.cidr(),
