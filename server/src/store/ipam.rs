@@ -44,40 +44,41 @@ impl Store {
                 return Err(StoreError::UnknownNode(node.clone()));
             };
             let block = to_block(block)?;
-            let existing: Option<AllocationRow> = sqlx::query_as(
+            // One statement after the lock reads both what this call must
+            // know: the attachment's allocation, wherever it is, and the
+            // node's used addresses for the round-robin choice
+            // (NodeBlock::next_free, the unit-tested code). At most a
+            // block's worth of rows, by the node index.
+            let rows: Vec<AllocationRow> = sqlx::query_as(
                 "SELECT a.*, n.block FROM allocations a JOIN nodes n ON n.name = a.node_name
-                 WHERE a.container_id = $1 AND a.ifname = $2",
-            )
-            .bind(attachment.container_id.as_str())
-            .bind(attachment.ifname.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-            if let Some(row) = existing {
-                if row.node_name != node.as_str() {
-                    return Err(StoreError::AttachmentOnOtherNode {
-                        container_id: attachment.container_id.clone(),
-                        ifname: attachment.ifname.clone(),
-                        owner: row.node_name,
-                        node: node.clone(),
-                    });
-                }
-                return Ok((allocation_from_row(row)?, false));
-            }
-
-            // The block's used offsets, then the pure round-robin choice
-            // (NodeBlock::next_free): one indexed read of at most a block's
-            // worth of rows, and the decision is the unit-tested code.
-            let used: Vec<i64> = sqlx::query_scalar(
-                "SELECT address - $2::inet FROM allocations WHERE node_name = $1",
+                 WHERE a.node_name = $1 OR (a.container_id = $2 AND a.ifname = $3)",
             )
             .bind(node.as_str())
-            .bind(IpAddr::V4(block.net().network()))
+            .bind(attachment.container_id.as_str())
+            .bind(attachment.ifname.as_str())
             .fetch_all(&mut **tx)
             .await?;
-            let used: HashSet<u32> = used
-                .into_iter()
-                .filter_map(|o| u32::try_from(o).ok())
-                .collect();
+            let mut used = HashSet::with_capacity(rows.len());
+            for row in rows {
+                if row.container_id == attachment.container_id.as_str()
+                    && row.ifname == attachment.ifname.as_str()
+                {
+                    if row.node_name != node.as_str() {
+                        return Err(StoreError::AttachmentOnOtherNode {
+                            container_id: attachment.container_id.clone(),
+                            ifname: attachment.ifname.clone(),
+                            owner: row.node_name,
+                            node: node.clone(),
+                        });
+                    }
+                    return Ok((allocation_from_row(row)?, false));
+                }
+                if let IpAddr::V4(ip) = row.address
+                    && let Some(offset) = block.pod_offset(ip)
+                {
+                    used.insert(offset);
+                }
+            }
             let offset = block.next_free(u32::try_from(last_offset).unwrap_or(0), &used);
             let offset = offset.ok_or_else(|| StoreError::BlockExhausted {
                 node: node.clone(),
