@@ -100,14 +100,27 @@ impl PeerFeed {
                 },
                 () = tokio::time::sleep(POLL_INTERVAL) => {}
             }
-            match store.events_since(last).await {
-                Ok(Some(events)) => {
-                    for event in events {
-                        last = event.revision;
-                        // No receivers is fine: the revision still advances.
-                        let _ = self.inner.tx.send(FeedItem::Event(Arc::new(event)));
+            // Page by page until caught up: a burst of changes is followed
+            // event by event, not answered with a resync of every watcher.
+            let read = loop {
+                match store.events_page(last).await {
+                    Ok(Some(events)) => {
+                        let full = events.len() >= crate::store::MAX_REPLAY as usize;
+                        for event in events {
+                            last = event.revision;
+                            // No receivers is fine: the revision still advances.
+                            let _ = self.inner.tx.send(FeedItem::Event(Arc::new(event)));
+                        }
+                        if !full {
+                            break Ok(Some(()));
+                        }
                     }
+                    Ok(None) => break Ok(None),
+                    Err(e) => break Err(e),
                 }
+            };
+            match read {
+                Ok(Some(())) => {}
                 Ok(None) => {
                     info!(
                         last,

@@ -282,6 +282,19 @@ impl Store {
     /// no longer reaches back that far (or `since` is from a newer database)
     /// and the caller needs a snapshot.
     pub async fn events_since(&self, since: u64) -> Result<Option<Vec<TopologyEvent>>> {
+        self.events_after(since, true).await
+    }
+
+    /// The next page (at most [`MAX_REPLAY`]) of changes after `since`, for
+    /// the feed, which follows every change however far behind a burst left
+    /// it; `None` only when the history no longer reaches back that far.
+    pub async fn events_page(&self, since: u64) -> Result<Option<Vec<TopologyEvent>>> {
+        self.events_after(since, false).await
+    }
+
+    /// `bounded`: a caller further behind than [`MAX_REPLAY`] gets `None`
+    /// (a snapshot is cheaper than the replay).
+    async fn events_after(&self, since: u64, bounded: bool) -> Result<Option<Vec<TopologyEvent>>> {
         let since_i = i64::try_from(since).unwrap_or(i64::MAX);
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -304,7 +317,7 @@ impl Store {
             _ => return Ok(None),
         }
         // A watcher this far behind costs less as a snapshot than a replay.
-        if current - since_i > MAX_REPLAY {
+        if bounded && current - since_i > MAX_REPLAY {
             return Ok(None);
         }
         let rows: Vec<EventRow> = sqlx::query_as(
@@ -322,8 +335,6 @@ impl Store {
             .map(Some)
     }
 }
-
-// === transaction steps ===
 
 // === transaction steps ===
 
