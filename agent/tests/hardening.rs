@@ -1,7 +1,9 @@
 //! Issue 12's node-side defects, tried the way a kubelet and a crashing
 //! machine would: an agent restarted during a server outage, a SIGKILL
 //! with a release still owed to the server, a node deleted while its agent
-//! runs, a netns that did not propagate (needs root; CI runs as root).
+//! runs, a netns that did not propagate, and the agent aborting (as a
+//! SIGKILL would) at each step of ADD and DEL through debug-build
+//! failpoints (needs root; CI runs as root).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -206,4 +208,145 @@ fn an_add_into_a_netns_the_agent_cannot_see_names_mount_propagation() {
         "{msg}"
     );
     assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["0"]);
+}
+
+/// The agent dies (abort, no cleanup) at `failpoint` during the next CNI
+/// call that reaches it; waits for it to be gone.
+fn crashed_agent(c: &mut Cluster, failpoint: &str) {
+    c.spawn_agent_with_env(0, &[("WEFT_FAILPOINTS", failpoint)]);
+    wait_until("agent ready", Duration::from_secs(20), || {
+        c.agent_log(0).contains("node ready")
+    });
+}
+
+fn wait_crashed(c: &mut Cluster, failpoint: &str) {
+    wait_until("the agent to abort", Duration::from_secs(10), || {
+        c.agent_log(0)
+            .contains(&format!("failpoint reached failpoint=\"{failpoint}\""))
+            || c.agent_log(0).contains("failpoint reached")
+    });
+    let mut agent = c.agents[0].take().unwrap();
+    let status = agent.child.wait().unwrap();
+    assert!(!status.success(), "the agent aborted at {failpoint}");
+}
+
+/// No allocation and no host veth left for `cid`; the database and the
+/// kernel agree.
+fn nothing_left(c: &Cluster, cid: &str) {
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT count(*) FROM allocations WHERE container_id = '{cid}'"
+        )),
+        ["0"],
+        "leaked allocation of {cid}"
+    );
+    let veth = weft_core::names::host_ifname(cid, "eth0");
+    let links = in_ns_json(
+        &c.nodes[0],
+        &["ip", "-j", "link", "show", "master", "weft0"],
+    );
+    assert!(
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["ifname"] != veth.as_str()),
+        "leaked host veth {veth}: {links}"
+    );
+}
+
+/// The wired pods are exactly the database's allocations, address for address.
+fn wired_matches_database(c: &Cluster, pods: &[(&str, &str)]) {
+    let mut db = c.sql("SELECT container_id || ' ' || host(address) FROM allocations ORDER BY 1");
+    db.sort();
+    let mut want: Vec<String> = pods.iter().map(|(cid, ip)| format!("{cid} {ip}")).collect();
+    want.sort();
+    assert_eq!(db, want);
+}
+
+fn add_crash_then_runtime_cleans_up(failpoint: &str) {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    crashed_agent(&mut c, failpoint);
+    let ns = c.pod_netns("p");
+    let crashed = c.cni(0, "ADD", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_ne!(crashed.code, 0, "{crashed:?}");
+    wait_crashed(&mut c, failpoint);
+    c.start_agent(0);
+    // A runtime DELs a sandbox whose ADD failed.
+    let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_eq!(del.code, 0, "{del:?}");
+    nothing_left(&c, "ctr-p");
+    // And the retried sandbox gets an address the database agrees with.
+    let (ip, _) = add(&mut c, 0, "q");
+    wired_matches_database(&c, &[("ctr-q", &ip)]);
+}
+
+#[test]
+fn sigkill_after_allocate_before_wiring_leaks_nothing() {
+    add_crash_then_runtime_cleans_up("add-after-allocate");
+}
+
+#[test]
+fn sigkill_after_wiring_before_the_answer_leaks_nothing() {
+    add_crash_then_runtime_cleans_up("add-after-wire");
+}
+
+#[test]
+fn sigkill_during_del_then_a_retried_del_leaks_nothing() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    crashed_agent(&mut c, "del-after-teardown");
+    let (ip, _) = add(&mut c, 0, "p");
+    let (other, _) = add(&mut c, 0, "o");
+    let ns = format!("/var/run/netns/{}", c.pod_ns_name("p"));
+    let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_ne!(del.code, 0, "{del:?}");
+    wait_crashed(&mut c, "del-after-teardown");
+    c.start_agent(0);
+    let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_eq!(del.code, 0, "{del:?}");
+    nothing_left(&c, "ctr-p");
+    wired_matches_database(&c, &[("ctr-o", &other)]);
+    // The freed address is not handed out again at once (round-robin).
+    let (next, _) = add(&mut c, 0, "n");
+    assert_ne!(next, ip);
+}
+
+#[test]
+fn sigkill_after_journalling_a_release_during_an_outage_leaks_nothing() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    crashed_agent(&mut c, "del-after-journal");
+    add(&mut c, 0, "p");
+    let ns = format!("/var/run/netns/{}", c.pod_ns_name("p"));
+    c.stop_server();
+    let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_ne!(del.code, 0, "{del:?}");
+    wait_crashed(&mut c, "del-after-journal");
+    // Restarted during the outage, the runtime retries the DEL.
+    c.spawn_agent(0);
+    wait_until("the CNI socket", Duration::from_secs(10), || {
+        c.agent_log(0).contains("serving CNI requests")
+    });
+    let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_eq!(del.code, 0, "{del:?}");
+    c.start_server();
+    wait_until(
+        "the release to reach PostgreSQL",
+        Duration::from_secs(15),
+        || {
+            c.sql("SELECT count(*) FROM allocations")
+                .first()
+                .map(String::as_str)
+                == Some("0")
+        },
+    );
+    nothing_left(&c, "ctr-p");
 }

@@ -368,6 +368,11 @@ impl Cluster {
 
     /// Starts the agent of node `node` (0-based) without waiting.
     pub fn spawn_agent(&mut self, node: usize) {
+        self.spawn_agent_with_env(node, &[]);
+    }
+
+    /// Starts the agent with extra environment (e.g. `WEFT_FAILPOINTS`).
+    pub fn spawn_agent_with_env(&mut self, node: usize, env: &[(&str, &str)]) {
         assert!(self.agents[node].is_none(), "agent {node} already running");
         self.starts += 1;
         let log = self.dir.join(format!("agent{node}-{}.log", self.starts));
@@ -390,6 +395,7 @@ impl Cluster {
             .arg(self.state_dir(node))
             .args(["--metrics-listen", &format!("198.51.100.{}:7402", node + 1)])
             .env("WEFT_LOG", "info,weft_agent=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())

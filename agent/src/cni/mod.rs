@@ -89,6 +89,29 @@ pub struct CniService<I = GrpcIpam, P = PodNetwork> {
     journal: Arc<ReleaseJournal>,
 }
 
+/// Crash tests: in debug builds, `WEFT_FAILPOINTS` (comma-separated)
+/// names steps of ADD and DEL at which the agent aborts on the spot, with
+/// no cleanup, as a SIGKILL or a power cut there would. Release builds
+/// never read it.
+fn failpoint(name: &str) {
+    static NAMED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let named = NAMED.get_or_init(|| {
+        std::env::var("WEFT_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
+    if named.iter().any(|n| n == name) {
+        tracing::error!(failpoint = name, "failpoint reached; aborting");
+        std::process::abort();
+    }
+}
+
 /// Whether a failed call may succeed later unchanged: the server (or its
 /// database) is away, not refusing the request.
 fn transient(status: &Status) -> bool {
@@ -207,6 +230,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             })
             .await
             .map_err(|s| ipam_error(s, "allocating an address"))?;
+        failpoint("add-after-allocate");
         // An attachment whose release is still journalled gets its address
         // back (Allocate is idempotent): the journal must not release it
         // under the new pod. Dropped only now that the server answered, so
@@ -240,6 +264,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         };
         match self.pods.wire(&spec).await {
             Ok(wired) => {
+                failpoint("add-after-wire");
                 info!(%address, host_if = %wired.host.name, "pod wired");
                 Ok(result::render(&wired, &req.version))
             }
@@ -282,6 +307,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         // address meanwhile.
         let host = host_ifname(&req.container_id, &req.ifname);
         let (unlinked, released) = tokio::join!(self.pods.delete_link(&host), self.release(req));
+        failpoint("del-after-teardown");
         let mut failures = Vec::new();
         match released {
             Ok(released) => {
@@ -293,7 +319,8 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             }
             // The pod is gone; the server hears of it when it is back.
             Err(status) if transient(&status) => {
-                self.journal_release(&req.container_id, &req.ifname, &status)
+                self.journal_release(&req.container_id, &req.ifname, &status);
+                failpoint("del-after-journal");
             }
             Err(status) => {
                 warn!(code = ?status.code(), message = status.message(), "the server refused the release")
