@@ -350,3 +350,50 @@ fn sigkill_after_journalling_a_release_during_an_outage_leaks_nothing() {
     );
     nothing_left(&c, "ctr-p");
 }
+
+#[test]
+fn an_agent_notices_a_server_gone_without_a_fin_and_watches_again() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    c.start_agent(0);
+    // Everything between the node and the server vanishes silently: no
+    // RST, no FIN, as in a partition or a crashed host.
+    let node = c.nodes[0].clone();
+    let rules = format!(
+        "table inet weft-test-blackhole {{\n  chain out {{ type filter hook output priority 0; ip daddr {SERVER_IP} drop; }}\n  chain in {{ type filter hook input priority 0; ip saddr {SERVER_IP} drop; }}\n}}\n"
+    );
+    let path = c.dir.join("blackhole.nft");
+    fs::write(&path, rules).unwrap();
+    in_ns(&node, &["nft", "-f", path.to_str().unwrap()]);
+    // The agent's HTTP/2 PINGs (10 s, 5 s to answer) find the dead stream;
+    // nothing else would, as the watch carries no traffic of its own.
+    wait_until(
+        "the agent to notice the dead connection",
+        Duration::from_secs(40),
+        || c.agent_log(0).contains("peer stream broke"),
+    );
+    in_ns(
+        &node,
+        &["nft", "delete", "table", "inet", "weft-test-blackhole"],
+    );
+    // A change made meanwhile reaches it once it watches again.
+    let body =
+        r#"{"node_name":"ghost","underlay_ip":"203.0.113.9","vtep_mac":"02:00:00:00:09:09"}"#;
+    let mut args = vec!["grpcurl".to_owned()];
+    args.extend(c.grpcurl_auth("ghost"));
+    args.extend([
+        "-d".to_owned(),
+        body.to_owned(),
+        format!("{SERVER_IP}:7400"),
+        "weft.v1.Topology/RegisterNode".to_owned(),
+    ]);
+    in_ns(
+        &c.control,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_until("the ghost's route", Duration::from_secs(40), || {
+        c.routes_on_tunnel(0).len() == 1
+    });
+}
