@@ -145,6 +145,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     }
     phase_tx.send_replace(cni::NodePhase::Ready { mtu });
 
+    let mut fenced = phase_tx.subscribe();
     let heartbeat = tokio::spawn(bootstrap::heartbeats(
         client.clone(),
         node.clone(),
@@ -176,7 +177,14 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     }
 
     let mut stop_wait = stop.clone();
-    let _ = stop_wait.wait_for(|s| *s).await;
+    tokio::select! {
+        () = crate::sync::stopped(&mut stop_wait) => {}
+        r = fenced.wait_for(|p| matches!(p, cni::NodePhase::Fenced { .. })) => if r.is_ok() {
+            // A deleted node takes no new pods: /healthz says so too.
+            ready_tx.send_replace(false);
+            crate::sync::stopped(&mut stop_wait).await;
+        },
+    }
     for task in [sync, heartbeat, metrics_task, cni_task, flusher] {
         if tokio::time::timeout(Duration::from_secs(5), task)
             .await

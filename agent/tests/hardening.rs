@@ -160,6 +160,31 @@ fn a_node_deleted_while_its_agent_runs_is_fenced_and_its_block_kept_from_others(
         new.stdout["msg"].as_str().unwrap().contains("deleted"),
         "{new:?}"
     );
+    // STATUS and /healthz say why.
+    let status = c.cni(0, "STATUS", "", "", "", &c.net_conf(0, "1.1.0"));
+    assert_eq!(status.stdout["code"], 50, "{status:?}");
+    assert!(
+        status.stdout["msg"].as_str().unwrap().contains("deleted"),
+        "{status:?}"
+    );
+    wait_until("/healthz to turn 503", Duration::from_secs(5), || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.nodes[0],
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg("http://198.51.100.1:7402/healthz")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout) == "503"
+    });
     // The node drains: DEL still works.
     let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &c.net_conf(0, "1.0.0"));
     assert_eq!(del.code, 0, "{del:?}");

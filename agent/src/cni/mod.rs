@@ -469,6 +469,27 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
     }
 
     async fn status(&self) -> Result<(), CniError> {
+        match self.phase() {
+            NodePhase::Fenced { .. } => {
+                return Err(CniError::new(
+                    Code::NotAvailable,
+                    format!(
+                        "node {} was deleted from weft-server; restart weft-agent to register it again",
+                        self.node
+                    ),
+                ));
+            }
+            NodePhase::Starting { .. } => {
+                return Err(CniError::new(
+                    Code::NotAvailable,
+                    format!(
+                        "weft-agent has not registered node {} with weft-server yet",
+                        self.node
+                    ),
+                ));
+            }
+            NodePhase::Ready { .. } => {}
+        }
         if !self.pods.bridge_exists().await? {
             return Err(CniError::new(
                 Code::NotAvailable,

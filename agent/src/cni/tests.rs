@@ -188,6 +188,12 @@ async fn add_waits_for_registration_and_refuses_on_a_fenced_node() {
     assert_eq!(err.code, Code::Ipam);
     assert!(err.msg.contains("deleted"), "{err:?}");
     assert!(r.ipam.calls().is_empty(), "no allocation was asked for");
+    let mut status = env("STATUS", "");
+    status.remove("CNI_CONTAINERID");
+    let conf = br#"{"cniVersion":"1.1.0","name":"weft","type":"weft"}"#;
+    let err = r.service.handle(&status, conf).await.unwrap_err();
+    assert_eq!(err.code, Code::NotAvailable);
+    assert!(err.msg.contains("deleted"), "{err:?}");
     // DEL is served in both phases.
     r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
 }
