@@ -313,7 +313,8 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         None => None,
     };
 
-    if tls.is_none() {
+    // `migrate` serves nothing, so its missing TLS is no warning.
+    if tls.is_none() && config.command != Command::Migrate {
         warn!(
             "serving plaintext without authentication (--insecure-plaintext): anyone who reaches the port can allocate, release and delete"
         );
