@@ -64,7 +64,11 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             }
             tokio::select! {
                 () = crate::sync::stopped(&mut stop) => return,
-                _ = phase.changed() => {}
+                changed = phase.changed() => if changed.is_err() {
+                    // The phase's sender is gone (the agent is stopping):
+                    // fall back to the timer instead of spinning.
+                    tokio::time::sleep(every).await;
+                },
                 () = tokio::time::sleep(every) => {}
             }
         }
