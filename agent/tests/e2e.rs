@@ -11,26 +11,9 @@ use std::{
 use serde_json::json;
 use weft_testbed::cluster::*;
 
-/// Pods wired through the plugin: (pod name, node, address).
+/// A pod wired through the plugin; its address.
 fn add_pod(c: &mut Cluster, node: usize, name: &str) -> String {
-    let ns = c.pod_netns(name);
-    in_ns(&c.pod_ns_name(name), &["ip", "link", "set", "lo", "up"]);
-    let out = c.cni(
-        node,
-        "ADD",
-        &format!("ctr-{name}"),
-        &ns,
-        name,
-        &c.net_conf(node, "1.0.0"),
-    );
-    assert_eq!(out.code, 0, "ADD {name}: {out:?}");
-    out.stdout["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned()
+    c.add_pod(node, name).0
 }
 
 /// Two nodes, pod "a" on the first and "b" on the second, reaching each

@@ -13,24 +13,7 @@ use serde_json::Value;
 use weft_testbed::cluster::*;
 
 fn add(c: &mut Cluster, node: usize, name: &str) -> (String, Value) {
-    let ns = c.pod_netns(name);
-    let out = c.cni(
-        node,
-        "ADD",
-        &format!("ctr-{name}"),
-        &ns,
-        name,
-        &c.net_conf(node, "1.0.0"),
-    );
-    assert_eq!(out.code, 0, "ADD {name}: {out:?}");
-    let ip = out.stdout["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    (ip, out.stdout)
+    c.add_pod(node, name)
 }
 
 fn kill_agent(c: &mut Cluster, node: usize) {
@@ -190,20 +173,7 @@ fn a_node_deleted_while_its_agent_runs_is_fenced_and_its_block_kept_from_others(
     assert_eq!(del.code, 0, "{del:?}");
     // A new node does not get the deleted node's block while it is
     // quarantined.
-    let body =
-        r#"{"node_name":"ghost","underlay_ip":"203.0.113.9","vtep_mac":"02:00:00:00:09:09"}"#;
-    let mut args = vec!["grpcurl".to_owned()];
-    args.extend(c.grpcurl_auth("ghost"));
-    args.extend([
-        "-d".to_owned(),
-        body.to_owned(),
-        format!("{SERVER_IP}:7400"),
-        "weft.v1.Topology/RegisterNode".to_owned(),
-    ]);
-    in_ns(
-        &c.control,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    c.register_agentless("ghost", "203.0.113.9", "02:00:00:00:09:09");
     let ghost = c.sql("SELECT block::text FROM nodes WHERE name = 'ghost'");
     assert_ne!(ghost, block, "the quarantined block went to another node");
 }
@@ -404,20 +374,7 @@ fn an_agent_notices_a_server_gone_without_a_fin_and_watches_again() {
         &["nft", "delete", "table", "inet", "weft-test-blackhole"],
     );
     // A change made meanwhile reaches it once it watches again.
-    let body =
-        r#"{"node_name":"ghost","underlay_ip":"203.0.113.9","vtep_mac":"02:00:00:00:09:09"}"#;
-    let mut args = vec!["grpcurl".to_owned()];
-    args.extend(c.grpcurl_auth("ghost"));
-    args.extend([
-        "-d".to_owned(),
-        body.to_owned(),
-        format!("{SERVER_IP}:7400"),
-        "weft.v1.Topology/RegisterNode".to_owned(),
-    ]);
-    in_ns(
-        &c.control,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    c.register_agentless("ghost", "203.0.113.9", "02:00:00:00:09:09");
     wait_until("the ghost's route", Duration::from_secs(40), || {
         c.routes_on_tunnel(0).len() == 1
     });

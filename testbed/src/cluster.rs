@@ -695,6 +695,51 @@ impl Cluster {
         }
     }
 
+    /// Wires pod `name` (container id `ctr-<name>`) on `node` through the
+    /// plugin, as a runtime would, in a fresh netns with loopback up; its
+    /// address (without prefix) and the whole result.
+    pub fn add_pod(&mut self, node: usize, name: &str) -> (String, Value) {
+        let ns = self.pod_netns(name);
+        in_ns(&self.pod_ns_name(name), &["ip", "link", "set", "lo", "up"]);
+        let out = self.cni(
+            node,
+            "ADD",
+            &format!("ctr-{name}"),
+            &ns,
+            name,
+            &self.net_conf(node, "1.0.0"),
+        );
+        assert_eq!(out.code, 0, "ADD {name}: {out:?}");
+        let ip = out.stdout["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        (ip, out.stdout)
+    }
+
+    /// Registers a node that runs no agent, with its own certificate, from
+    /// the control namespace.
+    pub fn register_agentless(&self, name: &str, underlay_ip: &str, vtep_mac: &str) {
+        let body = format!(
+            r#"{{"node_name":"{name}","underlay_ip":"{underlay_ip}","vtep_mac":"{vtep_mac}"}}"#
+        );
+        let mut args = vec!["grpcurl".to_owned()];
+        args.extend(self.grpcurl_auth(name));
+        args.extend([
+            "-d".to_owned(),
+            body,
+            format!("{SERVER_IP}:7400"),
+            "weft.v1.Topology/RegisterNode".to_owned(),
+        ]);
+        in_ns(
+            &self.control,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
+
     /// SQL against the cluster's database, one value per row.
     pub fn sql(&self, query: &str) -> Vec<String> {
         let out = run(Command::new("psql").args([&self.database_url(), "-At", "-c", query]));
