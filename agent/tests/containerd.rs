@@ -150,13 +150,7 @@ fn containerd_starts_a_pod_sandbox_through_cri_with_a_weft_address() {
         "peer",
         &c.net_conf(1, "1.0.0"),
     );
-    let peer_ip = peer.stdout["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let peer_ip = address_of(&peer.stdout);
 
     let mut ctr = Containerd::start(&c, 0);
     let id = ctr

@@ -216,9 +216,8 @@ fn crashed_agent(c: &mut Cluster, failpoint: &str) {
 
 fn wait_crashed(c: &mut Cluster, failpoint: &str) {
     wait_until("the agent to abort", Duration::from_secs(10), || {
-        c.agent_log(0)
-            .contains(&format!("failpoint reached failpoint=\"{failpoint}\""))
-            || c.agent_log(0).contains("failpoint reached")
+        let log = c.agent_log(0);
+        log.contains("failpoint reached") && log.contains(failpoint)
     });
     let mut agent = c.agents[0].take().unwrap();
     let status = agent.child.wait().unwrap();

@@ -222,14 +222,7 @@ async fn history_of_an_address_and_of_a_container_is_time_ordered(pool: PgPool) 
     ts.register("node-a", 1).await;
     // c0 gets .2, is released; c1..c4 take .3 .. .6; c5 wraps to .2.
     ts.allocate("node-a", "c0").await.unwrap();
-    ts.ipam()
-        .release(pb::ReleaseRequest {
-            node_name: "node-a".into(),
-            container_id: "c0".into(),
-            ifname: "eth0".into(),
-        })
-        .await
-        .unwrap();
+    ts.release("node-a", "c0").await.unwrap();
     for i in 1..=5 {
         ts.allocate("node-a", &format!("c{i}")).await.unwrap();
     }
@@ -342,14 +335,7 @@ async fn every_mutation_writes_exactly_one_audit_row(pool: PgPool) {
     ts.allocate("node-a", "c1").await.unwrap(); // idempotent: nothing
     ts.allocate("node-a", "c2").await.unwrap(); // allocate
     ts.allocate("node-b", "c3").await.unwrap(); // allocate
-    ts.ipam()
-        .release(pb::ReleaseRequest {
-            node_name: "node-a".into(),
-            container_id: "c1".into(),
-            ifname: "eth0".into(),
-        })
-        .await
-        .unwrap(); // release
+    ts.release("node-a", "c1").await.unwrap(); // release
     ts.ipam()
         .gc(pb::GcRequest {
             node_name: "node-a".into(),

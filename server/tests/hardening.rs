@@ -406,14 +406,7 @@ async fn history_is_paged(pool: PgPool) {
     // 13 entries for one container id: allocate/release pairs and more.
     for _ in 0..6 {
         ts.allocate("node-a", "c1").await.unwrap();
-        ts.ipam()
-            .release(pb::ReleaseRequest {
-                node_name: "node-a".into(),
-                container_id: "c1".into(),
-                ifname: "eth0".into(),
-            })
-            .await
-            .unwrap();
+        ts.release("node-a", "c1").await.unwrap();
     }
     ts.allocate("node-a", "c1").await.unwrap();
     let mut token = String::new();

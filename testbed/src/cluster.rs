@@ -112,6 +112,15 @@ pub struct Cluster {
     starts: u32,
 }
 
+/// The first IP of a CNI result, without its prefix length.
+pub fn address_of(result: &Value) -> String {
+    result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {result}"))
+        .to_owned()
+}
+
 /// What the `weft` plugin printed and returned.
 #[derive(Debug)]
 pub struct CniOutput {
@@ -710,14 +719,7 @@ impl Cluster {
             &self.net_conf(node, "1.0.0"),
         );
         assert_eq!(out.code, 0, "ADD {name}: {out:?}");
-        let ip = out.stdout["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
-        (ip, out.stdout)
+        (address_of(&out.stdout), out.stdout)
     }
 
     /// Registers a node that runs no agent, with its own certificate, from

@@ -111,6 +111,18 @@ impl TestServer {
             .map(|r| r.into_inner())
     }
 
+    /// Releases `cid`'s eth0 on `node`; the released address, if any.
+    pub async fn release(&self, node: &str, cid: &str) -> Result<String, tonic::Status> {
+        self.ipam()
+            .release(pb::ReleaseRequest {
+                node_name: node.into(),
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+            })
+            .await
+            .map(|r| r.into_inner().address)
+    }
+
     pub async fn audit_count(&self, action: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = $1")
             .bind(action)
