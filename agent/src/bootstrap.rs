@@ -34,6 +34,10 @@ pub struct NodeAssignment {
     pub vni: u32,
     pub cluster_cidr: Ipv4Net,
     pub mtu_hint: u32,
+    /// The node row's epoch (docs/design.md, fencing).
+    pub epoch: u64,
+    /// The server's cap on the reserve lease.
+    pub reserve_lease_seconds: u32,
 }
 
 pub async fn find_underlay(config: &Config, dp: &NetlinkDatapath) -> anyhow::Result<Underlay> {
@@ -91,6 +95,8 @@ pub async fn register(
                         format!("server sent cluster CIDR {:?}", r.cluster_cidr)
                     })?,
                     mtu_hint: r.mtu_hint,
+                    epoch: r.epoch,
+                    reserve_lease_seconds: r.reserve_lease_seconds,
                 }));
             }
             Err(s)
@@ -166,6 +172,7 @@ pub async fn heartbeats(
     node: String,
     every: Duration,
     phase: watch::Sender<crate::cni::NodePhase>,
+    reserve: std::sync::Arc<crate::reserve::Reserve>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -180,7 +187,12 @@ pub async fn heartbeats(
         });
         request.set_timeout(RPC_TIMEOUT);
         match client.heartbeat(request).await {
-            Ok(_) => {}
+            // The reserve lease runs from the last answer.
+            Ok(_) => {
+                if let Err(e) = reserve.contact() {
+                    warn!(error = %e, "cannot journal the server's contact");
+                }
+            }
             // Deleted by an operator: re-registering on our own would undo
             // the deletion, so stop wiring new pods (the block is
             // quarantined for the pods still here) and leave it to them.
@@ -214,6 +226,8 @@ mod tests {
             vni: 1,
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
             mtu_hint,
+            epoch: 1,
+            reserve_lease_seconds: 1800,
         }
     }
 

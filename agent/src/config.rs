@@ -49,9 +49,9 @@ pub struct Cli {
     #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
 
-    /// Node-local state that must survive restarts while the server is
-    /// away: the node's assignment and releases not yet reported (a hostPath
-    /// in the DaemonSet).
+    /// Node-local state that must survive restarts and reboots while the
+    /// server is away: the node's assignment and its address reserve with
+    /// the journal of binds and releases (a hostPath in the DaemonSet).
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
     pub state_dir: PathBuf,
 
@@ -62,6 +62,27 @@ pub struct Cli {
     /// Seconds between heartbeats to the server.
     #[arg(long, env = "WEFT_HEARTBEAT_SECONDS", default_value = "10")]
     pub heartbeat_seconds: String,
+
+    /// Refill the address reserve when fewer than this many are free.
+    #[arg(long, env = "WEFT_RESERVE_LOW", default_value = "16")]
+    pub reserve_low: String,
+
+    /// Refill the address reserve up to this many free addresses (a
+    /// 110-pod node restarting every pod at once draws on it while the
+    /// refill runs).
+    #[arg(long, env = "WEFT_RESERVE_HIGH", default_value = "48")]
+    pub reserve_high: String,
+
+    /// Seconds the agent binds from its reserve without hearing from a
+    /// server; the server's lease (half its --block-quarantine) caps it.
+    #[arg(long, env = "WEFT_RESERVE_LEASE", default_value = "1800")]
+    pub reserve_lease: String,
+
+    /// Seconds between syncs of PostgreSQL with the node's bindings and
+    /// checks of the bindings against the kernel; a binding whose pod is
+    /// gone is released after two checks (reconcile without runtime GC).
+    #[arg(long, env = "WEFT_RECONCILE_SECONDS", default_value = "30")]
+    pub reconcile_seconds: String,
 
     /// Log output format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -119,6 +140,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub metrics_listen: SocketAddr,
     pub heartbeat_seconds: u64,
+    pub reserve_low: usize,
+    pub reserve_high: usize,
+    pub reserve_lease: std::time::Duration,
+    pub reconcile: std::time::Duration,
     pub log_format: LogFormat,
     pub log: String,
     pub check_only: bool,
@@ -202,6 +227,44 @@ impl Config {
                     )
                 }),
         );
+        let mut number = |flag: &str, value: &str, range: std::ops::RangeInclusive<u64>| {
+            errors.take(
+                value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| range.contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "{flag}: {value:?} is not in {}..={}",
+                            range.start(),
+                            range.end()
+                        )
+                    }),
+            )
+        };
+        let reserve_low = number("--reserve-low/WEFT_RESERVE_LOW", &cli.reserve_low, 1..=256);
+        let reserve_high = number(
+            "--reserve-high/WEFT_RESERVE_HIGH",
+            &cli.reserve_high,
+            1..=256,
+        );
+        let reserve_lease = number(
+            "--reserve-lease/WEFT_RESERVE_LEASE",
+            &cli.reserve_lease,
+            1..=7 * 24 * 3600,
+        );
+        let reconcile = number(
+            "--reconcile-seconds/WEFT_RECONCILE_SECONDS",
+            &cli.reconcile_seconds,
+            1..=3600,
+        );
+        if let (Some(low), Some(high)) = (reserve_low, reserve_high)
+            && low > high
+        {
+            errors.push(format!(
+                "--reserve-low ({low}) must not exceed --reserve-high ({high})"
+            ));
+        }
         if !cli.socket.is_absolute() {
             errors.push(format!(
                 "--socket/WEFT_AGENT_SOCKET: {} is not an absolute path",
@@ -254,27 +317,42 @@ impl Config {
                 errors.push("--server/WEFT_SERVER: an https:// server needs --tls-ca, --tls-cert and --tls-key".into());
             }
         }
-        match (server, node_name, metrics_listen, heartbeat_seconds) {
-            (Some(server), Some(node_name), Some(metrics_listen), Some(heartbeat_seconds))
-                if errors.is_empty() =>
-            {
-                Ok(Self {
-                    servers: server,
-                    node_name,
-                    underlay_ip,
-                    underlay_interface: cli.underlay_interface,
-                    underlay_mtu,
-                    socket: cli.socket,
-                    cni_conf_dir: cli.cni_conf_dir,
-                    state_dir: cli.state_dir,
-                    metrics_listen,
-                    heartbeat_seconds,
-                    log_format: cli.log_format,
-                    log: cli.log,
-                    check_only: cli.check_config,
-                    tls,
-                })
-            }
+        let reserve = reserve_low
+            .zip(reserve_high)
+            .zip(reserve_lease.zip(reconcile));
+        match (
+            server,
+            node_name,
+            metrics_listen,
+            heartbeat_seconds,
+            reserve,
+        ) {
+            (
+                Some(server),
+                Some(node_name),
+                Some(metrics_listen),
+                Some(heartbeat_seconds),
+                Some(((low, high), (lease, reconcile))),
+            ) if errors.is_empty() => Ok(Self {
+                servers: server,
+                node_name,
+                underlay_ip,
+                underlay_interface: cli.underlay_interface,
+                underlay_mtu,
+                socket: cli.socket,
+                cni_conf_dir: cli.cni_conf_dir,
+                state_dir: cli.state_dir,
+                metrics_listen,
+                heartbeat_seconds,
+                reserve_low: usize::try_from(low).unwrap_or(16),
+                reserve_high: usize::try_from(high).unwrap_or(48),
+                reserve_lease: std::time::Duration::from_secs(lease),
+                reconcile: std::time::Duration::from_secs(reconcile),
+                log_format: cli.log_format,
+                log: cli.log,
+                check_only: cli.check_config,
+                tls,
+            }),
             _ => Err(errors.into_errors()),
         }
     }

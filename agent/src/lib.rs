@@ -28,6 +28,7 @@ pub mod datapath;
 pub mod metrics;
 pub mod peers;
 pub mod reconcile;
+pub mod reserve;
 pub mod socket;
 pub mod state;
 pub mod sync;
@@ -45,9 +46,6 @@ use crate::{
     metrics::AgentMetrics,
     sync::PeerSync,
 };
-
-/// How often journalled releases are retried while the server is away.
-const RELEASE_RETRY: Duration = Duration::from_secs(1);
 
 pub use bootstrap::{NodeAssignment, build_datapath};
 pub use weft_core::names::{bridge_mac_for, vtep_mac_for};
@@ -110,10 +108,16 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
             None
         }
     };
-    let journal = Arc::new(state::ReleaseJournal::open(state)?);
-    let pending = journal.pending().len();
-    if pending > 0 {
-        info!(pending, "releases from an earlier run wait for weft-server");
+    let reserve = Arc::new(reserve::Reserve::open(state.path())?);
+    {
+        let book = reserve.book();
+        info!(
+            epoch = book.epoch,
+            free = book.free.len(),
+            bound = book.bound.len(),
+            pending = book.pending.len(),
+            "address book loaded from the state directory"
+        );
     }
     let (phase_tx, phase) = watch::channel(cni::NodePhase::Starting {
         mtu: saved.as_ref().map(|s| s.mtu),
@@ -123,10 +127,17 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         phase,
         cni::seams::GrpcIpam::new(channel.clone()),
         cni::pod::PodNetwork::new(dp.handle()),
-        journal.clone(),
+        reserve.clone(),
     );
+    // The kernel is the ground truth of what is wired: a binding whose
+    // veth is gone (a crash between journalling and wiring, or mid-DEL) is
+    // released before any CNI call is served.
+    match service.check_kernel().await {
+        Ok(0) => {}
+        Ok(n) => info!(released = n, "bindings without a wired pod released"),
+        Err(e) => warn!(error = %e, "cannot check the address book against the kernel"),
+    }
     let cni_task = socket::serve_cni(&config.socket, service.clone(), stop.clone()).await?;
-    let flusher = tokio::spawn(service.flush_releases(RELEASE_RETRY, stop.clone()));
 
     let mut stop_reg = stop.clone();
     let Some(assignment) =
@@ -136,7 +147,22 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     };
     let mtu = build_datapath(dp.as_ref(), &underlay, mac, &assignment).await?;
     info!(block = %assignment.block, gateway = %assignment.gateway, vni = assignment.vni, mtu, "node registered and datapath ready");
-    if let Err(e) = journal.dir().save_node(&state::SavedNode {
+    let lease = config.reserve_lease.min(Duration::from_secs(u64::from(
+        assignment.reserve_lease_seconds,
+    )));
+    let new_epoch = reserve.registered(
+        assignment.epoch,
+        assignment.block,
+        assignment.gateway,
+        i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+    )?;
+    if new_epoch {
+        info!(
+            epoch = assignment.epoch,
+            "registered under a new epoch: the old reserve is void"
+        );
+    }
+    if let Err(e) = state.save_node(&state::SavedNode {
         node_name: node.clone(),
         block: assignment.block.to_string(),
         mtu,
@@ -146,11 +172,23 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     phase_tx.send_replace(cni::NodePhase::Ready { mtu });
 
     let mut fenced = phase_tx.subscribe();
+    let background = tokio::spawn(service.clone().run_background(
+        cni::background::ReserveSettings {
+            low: config.reserve_low,
+            high: config.reserve_high,
+            reconcile_every: config.reconcile,
+            grace: config.reconcile,
+        },
+        phase_tx.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
     let heartbeat = tokio::spawn(bootstrap::heartbeats(
         client.clone(),
         node.clone(),
         Duration::from_secs(config.heartbeat_seconds),
         phase_tx,
+        reserve.clone(),
         stop.clone(),
     ));
     let (synced_tx, mut synced) = watch::channel(false);
@@ -185,7 +223,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
             crate::sync::stopped(&mut stop_wait).await;
         },
     }
-    for task in [sync, heartbeat, metrics_task, cni_task, flusher] {
+    for task in [sync, heartbeat, metrics_task, cni_task, background] {
         if tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .is_err()

@@ -25,6 +25,12 @@ pub struct AgentMetrics {
     pub peers: Gauge,
     pub reconciles: Family<ResultLabels, Counter>,
     pub entry_changes: Counter,
+    /// Per-node reserves (docs/design.md).
+    pub reserve_free: Gauge,
+    pub reserve_bound: Gauge,
+    pub reports_pending: Gauge,
+    pub oldest_pending_report_seconds: Gauge,
+    pub offline_seconds: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -50,11 +56,46 @@ impl AgentMetrics {
             "Routes, neighbours and FDB entries added or removed",
             entry_changes.clone(),
         );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let reserve_free = gauge(
+            &mut registry,
+            "reserve_free",
+            "Addresses reserved for this node and not bound",
+        );
+        let reserve_bound = gauge(
+            &mut registry,
+            "reserve_bound",
+            "Addresses bound to attachments on this node",
+        );
+        let reports_pending = gauge(
+            &mut registry,
+            "reports_pending",
+            "Binds and releases weft-server has not recorded yet",
+        );
+        let oldest_pending_report_seconds = gauge(
+            &mut registry,
+            "oldest_pending_report_seconds",
+            "Age of the oldest bind or release not recorded yet (0 if none)",
+        );
+        let offline_seconds = gauge(
+            &mut registry,
+            "offline_seconds",
+            "Seconds since weft-server last answered, while it does not (0 when online)",
+        );
         Self {
             registry: Arc::new(Mutex::new(registry)),
             peers,
             reconciles,
             entry_changes,
+            reserve_free,
+            reserve_bound,
+            reports_pending,
+            oldest_pending_report_seconds,
+            offline_seconds,
         }
     }
 

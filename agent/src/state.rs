@@ -1,19 +1,15 @@
 //! Node-local state in `--state-dir`: what must survive an agent restart
 //! while weft-server is away. `node.json` holds the node's last assignment
-//! (so CHECK knows the pod MTU before the server answers) and
-//! `releases.json` the releases the server has not taken yet (a DEL during
-//! an outage must not wait for CNI GC, which containerd 1.6/1.7 never
-//! send). Every file is replaced whole: written to a temporary file,
-//! fsynced, renamed over the old one, and the directory fsynced, so a crash
-//! at any point leaves either the old or the new content.
+//! (so CHECK and ADD know the pod MTU before the server answers); the
+//! address reserve keeps its own files there ([`crate::reserve::journal`]).
+//! `node.json` is replaced whole: written to a temporary file, fsynced,
+//! renamed over the old one, and the directory fsynced, so a crash at any
+//! point leaves either the old or the new content.
 
 use std::{
-    collections::BTreeMap,
     fs::{self, File},
     io::Write,
     path::{Path, PathBuf},
-    sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -59,7 +55,6 @@ pub struct StateDir {
 }
 
 const NODE_FILE: &str = "node.json";
-const RELEASES_FILE: &str = "releases.json";
 
 impl StateDir {
     /// Creates the directory (root only) if it is missing.
@@ -129,84 +124,6 @@ impl StateDir {
     }
 }
 
-/// Releases not yet taken by the server, kept on disk. Every change is
-/// written before it returns, so an entry acknowledged to the runtime
-/// survives a crash right after.
-#[derive(Debug)]
-pub struct ReleaseJournal {
-    dir: StateDir,
-    entries: Mutex<BTreeMap<(String, String), PendingRelease>>,
-}
-
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-impl ReleaseJournal {
-    pub fn open(dir: StateDir) -> Result<Self, StateError> {
-        let list: Vec<PendingRelease> = dir.read(RELEASES_FILE)?.unwrap_or_default();
-        let entries = list
-            .into_iter()
-            .map(|r| ((r.container_id.clone(), r.ifname.clone()), r))
-            .collect();
-        Ok(Self {
-            dir,
-            entries: Mutex::new(entries),
-        })
-    }
-
-    pub fn dir(&self) -> &StateDir {
-        &self.dir
-    }
-
-    fn save(&self, entries: &BTreeMap<(String, String), PendingRelease>) -> Result<(), StateError> {
-        let list: Vec<&PendingRelease> = entries.values().collect();
-        self.dir.write(RELEASES_FILE, &list)
-    }
-
-    /// Records that the attachment's address must still be released.
-    pub fn add(&self, container_id: &str, ifname: &str) -> Result<(), StateError> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (container_id.to_owned(), ifname.to_owned());
-        if entries.contains_key(&key) {
-            return Ok(());
-        }
-        entries.insert(
-            key,
-            PendingRelease {
-                container_id: container_id.to_owned(),
-                ifname: ifname.to_owned(),
-                at: now_secs(),
-            },
-        );
-        self.save(&entries)
-    }
-
-    /// Forgets the attachment (released, or wired again by a new ADD).
-    /// Returns whether it was pending.
-    pub fn remove(&self, container_id: &str, ifname: &str) -> Result<bool, StateError> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (container_id.to_owned(), ifname.to_owned());
-        if entries.remove(&key).is_none() {
-            return Ok(false);
-        }
-        self.save(&entries).map(|()| true)
-    }
-
-    pub fn contains(&self, container_id: &str, ifname: &str) -> bool {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.contains_key(&(container_id.to_owned(), ifname.to_owned()))
-    }
-
-    pub fn pending(&self) -> Vec<PendingRelease> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.values().cloned().collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,34 +132,6 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weft-state-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
-    }
-
-    #[test]
-    fn pending_releases_survive_a_reopen_and_go_when_removed() {
-        let path = tempdir("journal");
-        let journal = ReleaseJournal::open(StateDir::open(&path).unwrap()).unwrap();
-        journal.add("c1", "eth0").unwrap();
-        journal.add("c2", "eth0").unwrap();
-        journal.add("c1", "eth0").unwrap();
-        assert!(journal.remove("c2", "eth0").unwrap());
-        assert!(!journal.remove("c2", "eth0").unwrap());
-        drop(journal);
-
-        let journal = ReleaseJournal::open(StateDir::open(&path).unwrap()).unwrap();
-        let pending: Vec<(String, String)> = journal
-            .pending()
-            .into_iter()
-            .map(|r| (r.container_id, r.ifname))
-            .collect();
-        assert_eq!(pending, [("c1".to_owned(), "eth0".to_owned())]);
-        assert!(journal.contains("c1", "eth0"));
-        // No temporary file is left behind.
-        let names: Vec<String> = fs::read_dir(&path)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, ["releases.json"]);
-        fs::remove_dir_all(&path).unwrap();
     }
 
     #[test]
@@ -257,8 +146,8 @@ mod tests {
         };
         dir.save_node(&node).unwrap();
         assert_eq!(dir.load_node().unwrap(), Some(node));
-        fs::write(path.join(RELEASES_FILE), b"{not json").unwrap();
-        let err = ReleaseJournal::open(StateDir::open(&path).unwrap()).unwrap_err();
+        fs::write(path.join(NODE_FILE), b"{not json").unwrap();
+        let err = dir.load_node().unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
         fs::remove_dir_all(&path).unwrap();
     }

@@ -81,13 +81,13 @@ fn add_wires_the_pod_and_two_pods_on_a_node_reach_each_other() {
     assert!(c.pod_ping("a", &b_ip), "pod a cannot reach pod b at {b_ip}");
 
     // The audit log names the pod.
-    let audit = c.sql("SELECT action || ' ' || pod_namespace || '/' || pod_name || ' ' || host(address) FROM audit_log WHERE container_id = 'ctr-a'");
-    assert_eq!(
-        audit,
-        [format!(
-            "allocate default/web-a {}",
-            address_of(r).split('/').next().unwrap()
-        )]
+    let want = format!(
+        "bind default/web-a {}",
+        address_of(r).split('/').next().unwrap()
+    );
+    c.sql_settles(
+        "SELECT action || ' ' || pod_namespace || '/' || pod_name || ' ' || host(address) FROM audit_log WHERE container_id = 'ctr-a'",
+        &[&want],
     );
 }
 
@@ -133,10 +133,13 @@ fn a_retried_add_returns_the_same_result() {
     let again = c.cni(0, "ADD", "ctr-p", &ns, "p", &conf);
     assert_eq!(first.code, 0);
     assert_eq!(first.stdout, again.stdout);
-    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["1"]);
-    assert_eq!(
-        c.sql("SELECT count(*) FROM audit_log WHERE action = 'allocate'"),
-        ["1"]
+    c.sql_settles(
+        "SELECT count(*) FROM allocations WHERE state = 'bound'",
+        &["1"],
+    );
+    c.sql_settles(
+        "SELECT count(*) FROM audit_log WHERE action = 'bind'",
+        &["1"],
     );
 }
 
@@ -194,10 +197,13 @@ fn del_is_idempotent_and_succeeds_when_the_netns_is_gone() {
         let del = c.cni(0, "DEL", "ctr-p", &ns, "p", &conf);
         assert_eq!((del.code, &del.stdout), (0, &Value::Null), "{del:?}");
     }
-    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["0"]);
-    assert_eq!(
-        c.sql("SELECT count(*) FROM audit_log WHERE action = 'release'"),
-        ["1"]
+    c.sql_settles(
+        "SELECT count(*) FROM allocations WHERE state = 'bound'",
+        &["0"],
+    );
+    c.sql_settles(
+        "SELECT count(*) FROM audit_log WHERE action = 'release'",
+        &["1"],
     );
 
     let ns = c.pod_netns("q");
@@ -205,7 +211,10 @@ fn del_is_idempotent_and_succeeds_when_the_netns_is_gone() {
     c.delete_pod_netns("q");
     let del = c.cni(0, "DEL", "ctr-q", &ns, "q", &conf);
     assert_eq!(del.code, 0, "{del:?}");
-    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["0"]);
+    c.sql_settles(
+        "SELECT count(*) FROM allocations WHERE state = 'bound'",
+        &["0"],
+    );
     let veths = in_ns_json(
         &c.nodes[0],
         &["ip", "-j", "link", "show", "master", "weft0"],
@@ -229,10 +238,14 @@ fn gc_releases_leaked_allocations_and_orphaned_veths() {
     gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": "ctr-1", "ifname": "eth0"}]);
     let gc = c.cni(0, "GC", "", "", "", &gc_conf);
     assert_eq!(gc.code, 0, "{gc:?}");
-    assert_eq!(c.sql("SELECT container_id FROM allocations"), ["ctr-1"]);
-    assert_eq!(
-        c.sql("SELECT count(*) FROM audit_log WHERE action = 'gc'"),
-        ["1"]
+    c.sql_settles(
+        "SELECT container_id FROM allocations WHERE state = 'bound'",
+        &["ctr-1"],
+    );
+    // GC's releases are the node's: audited as the release of ctr-2.
+    c.sql_settles(
+        "SELECT container_id FROM audit_log WHERE action = 'release'",
+        &["ctr-2"],
     );
     let veths = in_ns_json(
         &c.nodes[0],
@@ -246,29 +259,44 @@ fn gc_releases_leaked_allocations_and_orphaned_veths() {
 }
 
 #[test]
-fn status_reports_50_while_the_server_is_down_and_add_fails_fast_with_11() {
+fn with_the_server_down_adds_bind_from_the_reserve_until_it_is_empty_then_answer_11() {
     if !require_root() {
         return;
     }
-    let mut c = one_node();
+    let mut c = Cluster::new(1);
+    // A reserve of one address, so the outage exhausts it.
+    c.spawn_agent_with_env(0, &[("WEFT_RESERVE_LOW", "1"), ("WEFT_RESERVE_HIGH", "1")]);
+    wait_until("agent ready", Duration::from_secs(20), || {
+        c.agent_log(0).contains("node ready")
+    });
+    c.sql_settles(
+        "SELECT count(*) FROM allocations WHERE state = 'reserved'",
+        &["1"],
+    );
     let conf = c.net_conf(0, "1.1.0");
     let up = c.cni(0, "STATUS", "", "", "", &conf);
     assert_eq!((up.code, &up.stdout), (0, &Value::Null), "{up:?}");
 
     c.stop_server();
-    let down = c.cni(0, "STATUS", "", "", "", &conf);
-    assert_eq!(down.code, 1);
-    assert_eq!(down.stdout["code"], 50, "{down:?}");
+    // The reserve is at hand: STATUS is fine and ADD needs no server.
+    let status = c.cni(0, "STATUS", "", "", "", &conf);
+    assert_eq!(status.code, 0, "{status:?}");
     let ns = c.pod_netns("p");
-    let start = Instant::now();
     let add = c.cni(0, "ADD", "ctr-p", &ns, "p", &conf);
+    assert_eq!(add.code, 0, "{add:?}");
+    // Now it is empty: STATUS says so, and ADD fails at once with 11.
+    let down = c.cni(0, "STATUS", "", "", "", &conf);
+    assert_eq!(down.stdout["code"], 50, "{down:?}");
+    let ns = c.pod_netns("q");
+    let start = Instant::now();
+    let add = c.cni(0, "ADD", "ctr-q", &ns, "q", &conf);
     assert_eq!(add.stdout["code"], 11, "{add:?}");
     assert!(
-        start.elapsed() < Duration::from_secs(15),
+        start.elapsed() < Duration::from_secs(4),
         "ADD took {:?}",
         start.elapsed()
     );
-    let links = in_ns_json(&c.pod_ns_name("p"), &["ip", "-j", "link", "show"]);
+    let links = in_ns_json(&c.pod_ns_name("q"), &["ip", "-j", "link", "show"]);
     assert_eq!(
         links.as_array().unwrap().len(),
         1,
@@ -279,6 +307,10 @@ fn status_reports_50_while_the_server_is_down_and_add_fails_fast_with_11() {
     wait_until("STATUS to recover", Duration::from_secs(20), || {
         c.cni(0, "STATUS", "", "", "", &conf).code == 0
     });
+    c.sql_settles(
+        "SELECT container_id || ' ' || offline FROM allocations WHERE state = 'bound'",
+        &["ctr-p true"],
+    );
 }
 
 #[test]
@@ -399,5 +431,8 @@ fn a_caller_that_is_not_root_is_refused() {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = as_nobody(&c);
     assert_eq!(out["code"], 104, "{out}");
-    assert_eq!(c.sql("SELECT count(*) FROM allocations"), ["0"]);
+    c.sql_settles(
+        "SELECT count(*) FROM allocations WHERE state = 'bound'",
+        &["0"],
+    );
 }

@@ -197,16 +197,13 @@ fn containerd_starts_a_pod_sandbox_through_cri_with_a_weft_address() {
         .unwrap()
         .success();
     assert!(reached, "the sandbox reaches a pod on the other node");
-    assert_eq!(
-        c.sql("SELECT pod_namespace || '/' || pod_name || ' ' || pod_uid FROM allocations WHERE node_name = 'node1'"),
-        ["default/web uid-web"]
-    );
+    c.sql_settles("SELECT pod_namespace || '/' || pod_name || ' ' || pod_uid FROM allocations WHERE state = 'bound' AND node_name = 'node1'", &["default/web uid-web"]);
 
     ctr.remove_pod(&id);
-    assert_eq!(
-        c.sql("SELECT count(*) FROM allocations WHERE node_name = 'node1'"),
-        ["0"],
-        "StopPodSandbox released it"
+    // StopPodSandbox released it.
+    c.sql_settles(
+        "SELECT count(*) FROM allocations WHERE state = 'bound' AND node_name = 'node1'",
+        &["0"],
     );
     assert!(!Path::new("/var/run/netns").join(&sandbox_ns).exists());
 }

@@ -184,6 +184,17 @@ impl NodeBlock {
             .flat_map(|(from, to)| from..=to)
             .find(|o| !used.contains(o))
     }
+
+    /// Up to `n` free offsets after `last`, round-robin as
+    /// [`Self::next_free`]: the addresses a reserve refill grants.
+    pub fn next_free_n(&self, last: u32, used: &HashSet<u32>, n: usize) -> Vec<u32> {
+        self.search_ranges(last)
+            .into_iter()
+            .flat_map(|(from, to)| from..=to)
+            .filter(|o| !used.contains(o))
+            .take(n)
+            .collect()
+    }
 }
 
 impl fmt::Display for NodeBlock {
@@ -202,6 +213,20 @@ mod tests {
 
     fn layout(cidr: &str, prefix: u8) -> ClusterLayout {
         ClusterLayout::new(cidr.parse().unwrap(), prefix).unwrap()
+    }
+
+    #[test]
+    fn a_refill_grants_free_offsets_round_robin_and_wraps() {
+        let b = NodeBlock::new("10.244.3.0/28".parse().unwrap());
+        let used: HashSet<u32> = [3, 5].into();
+        // Offsets after the cursor first, then from the start of the block.
+        let got = b.next_free_n(9, &used, 6);
+        assert_eq!(got[..4], [10, 11, 12, 13]);
+        assert!(got.iter().all(|o| !used.contains(o)));
+        assert_eq!(got.len(), 6);
+        // Never more than the block has free.
+        let all = b.next_free_n(0, &used, 100);
+        assert_eq!(all.len() as u32, b.capacity() - 2);
     }
 
     #[test]

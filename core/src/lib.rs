@@ -7,6 +7,8 @@
 //!   server's store makes for every allocation.
 //! - [`names`]: names and addresses derived from identities: a node's VTEP
 //!   and bridge MACs, a pod's host-side interface name.
+//! - [`reserve`]: per-node reserves, what makes the database equal to a
+//!   node's own view.
 //! - [`cni`]: the CNI spec versions Weft speaks and which commands each
 //!   version allows.
 //!
@@ -17,3 +19,4 @@ pub mod cni;
 pub mod domain;
 pub mod ipam;
 pub mod names;
+pub mod reserve;

@@ -92,30 +92,38 @@ impl Collect {
     }
 }
 
-/// Exponential backoff for reconnects: 250 ms doubling up to 10 s.
+/// Exponential backoff for reconnects: by default 250 ms doubling up to
+/// 10 s.
 #[derive(Debug)]
 pub struct Backoff {
+    first: Duration,
+    max: Duration,
     next: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { next: Self::FIRST }
+        Self::new(Duration::from_millis(250), Duration::from_secs(10))
     }
 }
 
 impl Backoff {
-    const FIRST: Duration = Duration::from_millis(250);
-    const MAX: Duration = Duration::from_secs(10);
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            first,
+            max,
+            next: first,
+        }
+    }
 
     pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
+        self.next = (self.next * 2).min(self.max);
         d
     }
 
     pub fn reset(&mut self) {
-        self.next = Self::FIRST;
+        self.next = self.first;
     }
 }
 

@@ -81,10 +81,12 @@ pub struct Cli {
     /// Seconds a deleted node's block is held back from other nodes, so a
     /// still-running agent's pods never share addresses with a new node's
     /// (the same node name registering again gets the block back at once).
+    /// Agents bind from their reserve for at most half of it without
+    /// hearing from a server (the reserve lease, docs/design.md).
     #[arg(
         long,
         env = "WEFT_BLOCK_QUARANTINE",
-        default_value = "600",
+        default_value = "3600",
         global = true
     )]
     pub block_quarantine: String,

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub rpc_duration: Family<RpcLabels, Histogram>,
     pub watchers: Gauge,
     used: Family<NodeLabels, Gauge>,
+    reserved: Family<NodeLabels, Gauge>,
     capacity: Family<NodeLabels, Gauge>,
 }
 
@@ -70,6 +71,7 @@ impl Metrics {
         let watchers = Gauge::default();
         let used = Family::<NodeLabels, Gauge>::default();
         let capacity = Family::<NodeLabels, Gauge>::default();
+        let reserved = Family::<NodeLabels, Gauge>::default();
         registry.register("allocations", "Addresses allocated", allocations.clone());
         registry.register("releases", "Addresses released", releases.clone());
         registry.register(
@@ -84,6 +86,11 @@ impl Metrics {
             used.clone(),
         );
         registry.register(
+            "node_addresses_reserved",
+            "Pod addresses reserved for a node and not bound",
+            reserved.clone(),
+        );
+        registry.register(
             "node_addresses_capacity",
             "Pod addresses a node's block holds",
             capacity.clone(),
@@ -95,6 +102,7 @@ impl Metrics {
             rpc_duration,
             watchers,
             used,
+            reserved,
             capacity,
         }
     }
@@ -123,9 +131,13 @@ impl Metrics {
         // Nodes deleted since the last scrape must disappear.
         self.used.clear();
         self.capacity.clear();
-        for (node, block, used) in rows {
+        self.reserved.clear();
+        for (node, block, used, reserved) in rows {
             let labels = NodeLabels { node };
             self.used.get_or_create(&labels).set(i64::from(used));
+            self.reserved
+                .get_or_create(&labels)
+                .set(i64::from(reserved));
             self.capacity
                 .get_or_create(&labels)
                 .set(i64::from(block.capacity()));

@@ -750,6 +750,24 @@ impl Cluster {
             .map(str::to_owned)
             .collect()
     }
+
+    /// Waits until `query` answers `want` (agents report binds and
+    /// releases in the background, within 100 ms online); panics with the
+    /// last answer after 10 s.
+    pub fn sql_settles(&self, query: &str, want: &[&str]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.sql(query);
+            if got.iter().map(String::as_str).eq(want.iter().copied()) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{query}: got {got:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Cluster {

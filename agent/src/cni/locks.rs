@@ -31,6 +31,23 @@ impl AttachmentLocks {
     }
 }
 
+impl AttachmentLocks {
+    /// The lock if nobody holds or waits for it (a CNI call in flight).
+    pub(super) fn try_lock(&self, key: (String, String)) -> Option<LockGuard<'_>> {
+        let lock = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.try_lock_owned().ok();
+        let guard = LockGuard {
+            locks: self,
+            key,
+            guard,
+        };
+        guard.guard.is_some().then_some(guard)
+    }
+}
+
 pub(super) struct LockGuard<'a> {
     locks: &'a AttachmentLocks,
     key: (String, String),

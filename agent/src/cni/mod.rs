@@ -1,25 +1,26 @@
 //! The agent's CNI service (`weft.agent.v1.Cni` on the unix socket): parses
-//! the runtime's request ([`request`]), does the work (IPAM through the
-//! server, wiring through [`pod`]) and answers with a result shaped for the
-//! requested version ([`result`]) or an error object ([`error`]).
-//! Requests for one (container, ifname) run one at a time; different
-//! attachments run concurrently.
+//! the runtime's request ([`request`]), does the work (an address from the
+//! node's reserve, [`crate::reserve`]; wiring through [`pod`]) and answers
+//! with a result shaped for the requested version ([`result`]) or an error
+//! object ([`error`]). Requests for one (container, ifname) run one at a
+//! time; different attachments run concurrently.
 //!
-//! The service answers from the moment the agent starts, before the node
-//! is registered ([`NodePhase`]): DEL and CHECK need only the kernel and
-//! the state directory, so pods can be torn down during a server outage. A
-//! release the server cannot take is written to the [`ReleaseJournal`]
-//! and sent by [`CniService::flush_releases`] once the server answers.
+//! No verb waits for weft-server: ADD binds a reserved address and DEL
+//! releases it, each journalled on the node before it is acted on, and
+//! [`background`] reports them, refills the reserve, syncs PostgreSQL with
+//! the node and releases what the kernel no longer has. The service
+//! answers from the moment the agent starts ([`NodePhase`]), so pods start
+//! and stop during a server or database outage.
 //!
-//! (Near 500 lines: the verbs share the phase, the locks and the journal,
+//! (Near 500 lines: the verbs share the phase, the locks and the reserve,
 //! and each is kept whole where it can be read top to bottom.)
 
+pub mod background;
 pub mod error;
 mod locks;
 mod netns;
 pub mod pod;
 pub mod pod_error;
-mod releases;
 pub mod request;
 pub mod result;
 pub mod seams;
@@ -28,19 +29,23 @@ use locks::AttachmentLocks;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
-use tonic::{Code as GrpcCode, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
-use weft_proto::{
-    agent::v1::{ExecRequest, ExecResponse, cni_server::Cni},
-    v1 as pb,
-};
+use weft_proto::agent::v1::{ExecRequest, ExecResponse, cni_server::Cni};
 
-use crate::state::ReleaseJournal;
+use crate::reserve::{
+    Reserve,
+    book::{BindError, Key, Pod},
+};
 
 use self::{
     error::{CniError, Code},
@@ -77,8 +82,9 @@ impl NodePhase {
     }
 }
 
-/// What the CNI service needs from the rest of the agent: the server's
-/// IPAM and the kernel's pod plumbing behind narrow traits ([`seams`]).
+/// What the CNI service needs from the rest of the agent: the node's
+/// reserve, the server behind a narrow trait ([`seams::Ipam`], used only
+/// in the background and by STATUS) and the kernel's pod plumbing.
 #[derive(Debug, Clone)]
 pub struct CniService<I = GrpcIpam, P = PodNetwork> {
     node: String,
@@ -86,8 +92,17 @@ pub struct CniService<I = GrpcIpam, P = PodNetwork> {
     ipam: I,
     pods: P,
     locks: Arc<AttachmentLocks>,
-    journal: Arc<ReleaseJournal>,
+    reserve: Arc<Reserve>,
+    /// Whether the server answered the last background call.
+    online: Arc<AtomicBool>,
+    /// Events up to this report seq waited for an unreachable server:
+    /// they are reported as made offline.
+    offline_upto: Arc<AtomicU64>,
 }
+
+/// How long an ADD that finds the reserve empty waits for a refill while
+/// the server answers (a burst larger than the reserve).
+const REFILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Crash tests: in debug builds, `WEFT_FAILPOINTS` (comma-separated)
 /// names steps of ADD and DEL at which the agent aborts on the spot, with
@@ -112,33 +127,12 @@ fn failpoint(name: &str) {
     }
 }
 
-/// Whether a failed call may succeed later unchanged: the server (or its
-/// database) is away, not refusing the request.
-fn transient(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        GrpcCode::Unavailable
-            | GrpcCode::DeadlineExceeded
-            | GrpcCode::Cancelled
-            | GrpcCode::Unknown
-            | GrpcCode::Aborted
-            | GrpcCode::Internal
-    )
+fn state_error(e: crate::state::StateError) -> CniError {
+    CniError::new(Code::Io, format!("the node's state directory: {e}"))
 }
 
-fn ipam_error(status: Status, what: &str) -> CniError {
-    match status.code() {
-        GrpcCode::Unavailable
-        | GrpcCode::DeadlineExceeded
-        | GrpcCode::Cancelled
-        | GrpcCode::Unknown
-        | GrpcCode::Aborted => CniError::new(
-            Code::TryAgainLater,
-            format!("{what}: weft-server is not reachable; try again later"),
-        )
-        .with_details(status.message().to_owned()),
-        _ => CniError::new(Code::Ipam, format!("{what}: {}", status.message())),
-    }
+fn key(req: &CniRequest) -> Key {
+    (req.container_id.clone(), req.ifname.clone())
 }
 
 impl<I: Ipam, P: Pods> CniService<I, P> {
@@ -147,20 +141,36 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         phase: watch::Receiver<NodePhase>,
         ipam: I,
         pods: P,
-        journal: Arc<ReleaseJournal>,
+        reserve: Arc<Reserve>,
     ) -> Self {
+        // Events an earlier run could not report reach the server late.
+        let offline_upto = Arc::new(AtomicU64::new(reserve.book().rseq));
         Self {
+            offline_upto,
             node,
             phase,
             ipam,
             pods,
             locks: Arc::default(),
-            journal,
+            reserve,
+            online: Arc::default(),
         }
     }
 
     fn phase(&self) -> NodePhase {
         *self.phase.borrow()
+    }
+
+    fn online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_online(&self, online: bool) {
+        self.online.store(online, Ordering::Relaxed);
+    }
+
+    pub fn reserve(&self) -> &Arc<Reserve> {
+        &self.reserve
     }
 
     /// Handles one request: `Ok(stdout)` or the error to print.
@@ -188,72 +198,91 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         }
     }
 
+    /// The pod MTU if this node may wire new pods now.
+    async fn add_mtu(&self) -> Result<u32, CniError> {
+        match self.phase() {
+            NodePhase::Ready { mtu } => Ok(mtu),
+            // Restarted while the server is away: the datapath the last
+            // run built is still there, and so is the reserve.
+            NodePhase::Starting { mtu: Some(mtu) } if self.pods.bridge_exists().await? => Ok(mtu),
+            NodePhase::Starting { .. } => Err(CniError::new(
+                Code::TryAgainLater,
+                format!(
+                    "weft-agent has not registered node {} with weft-server yet and has no datapath from an earlier run; try again later",
+                    self.node
+                ),
+            )),
+            NodePhase::Fenced { .. } => Err(CniError::new(
+                Code::Ipam,
+                format!(
+                    "node {} was deleted from weft-server; no new pods are wired here until weft-agent is restarted",
+                    self.node
+                ),
+            )),
+        }
+    }
+
+    /// Binds the attachment from the reserve; an empty reserve waits for a
+    /// refill only while the server answers.
+    async fn bind(&self, req: &CniRequest) -> Result<crate::reserve::Bind, CniError> {
+        let pod = Pod {
+            namespace: req.pod.namespace.clone(),
+            name: req.pod.name.clone(),
+            uid: req.pod.uid.clone(),
+        };
+        let deadline = tokio::time::Instant::now() + REFILL_WAIT;
+        loop {
+            let granted = self.reserve.granted.notified();
+            tokio::pin!(granted);
+            granted.as_mut().enable();
+            let e = match self
+                .reserve
+                .bind(&key(req), &pod, !self.online())
+                .map_err(state_error)?
+            {
+                Ok(bound) => return Ok(bound),
+                Err(e) => e,
+            };
+            if e == BindError::Exhausted && self.online() && tokio::time::Instant::now() < deadline
+            {
+                self.reserve.changed.notify_one();
+                if tokio::time::timeout_at(deadline, granted).await.is_ok() {
+                    continue;
+                }
+            }
+            let hint = match e {
+                BindError::Exhausted if self.online() => {
+                    "weft-server did not refill it in time; try again later"
+                }
+                BindError::Exhausted => {
+                    "weft-server is not reachable to refill it; try again later"
+                }
+                _ => "try again later",
+            };
+            return Err(CniError::new(Code::TryAgainLater, format!("{e}; {hint}")));
+        }
+    }
+
     #[instrument(skip_all, fields(container_id = %req.container_id, ifname = %req.ifname, pod = %format!("{}/{}", req.pod.namespace, req.pod.name)))]
     async fn add(&self, req: &CniRequest) -> Result<String, CniError> {
-        let mtu = match self.phase() {
-            NodePhase::Ready { mtu } => mtu,
-            NodePhase::Starting { .. } => {
-                return Err(CniError::new(
-                    Code::TryAgainLater,
-                    format!(
-                        "weft-agent has not registered node {} with weft-server yet; try again later",
-                        self.node
-                    ),
-                ));
-            }
-            NodePhase::Fenced { .. } => {
-                return Err(CniError::new(
-                    Code::Ipam,
-                    format!(
-                        "node {} was deleted from weft-server; no new pods are wired here until weft-agent is restarted",
-                        self.node
-                    ),
-                ));
-            }
-        };
+        let mtu = self.add_mtu().await?;
         let netns = req
             .netns
             .clone()
             .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is not set"))?;
-        // Fail before allocating when the namespace is not there at all,
-        // or is a file the agent cannot enter.
+        // Fail before binding when the namespace is not there at all, or
+        // is a file the agent cannot enter.
         self.pods.check_netns(&netns)?;
-        let alloc = self
-            .ipam
-            .allocate(pb::AllocateRequest {
-                node_name: self.node.clone(),
-                container_id: req.container_id.clone(),
-                ifname: req.ifname.clone(),
-                pod_namespace: req.pod.namespace.clone(),
-                pod_name: req.pod.name.clone(),
-                pod_uid: req.pod.uid.clone(),
-            })
-            .await
-            .map_err(|s| ipam_error(s, "allocating an address"))?;
-        failpoint("add-after-allocate");
-        // An attachment whose release is still journalled gets its address
-        // back (Allocate is idempotent): the journal must not release it
-        // under the new pod. Dropped only now that the server answered, so
-        // a failed Allocate leaves the owed release in place.
-        if self
-            .journal
-            .remove(&req.container_id, &req.ifname)
-            .map_err(|e| CniError::new(Code::Io, e.to_string()))?
-        {
-            info!("attachment wired again before its journalled release was sent");
-        }
-        let address: Ipv4Net = alloc.address.parse().map_err(|_| {
+        let (block, gateway) = self.reserve.network().ok_or_else(|| {
             CniError::new(
-                Code::Ipam,
-                format!("server sent address {:?}", alloc.address),
+                Code::TryAgainLater,
+                "this node has never registered with weft-server; try again later",
             )
         })?;
-        let gateway = alloc.gateway.parse().map_err(|_| {
-            CniError::new(
-                Code::Ipam,
-                format!("server sent gateway {:?}", alloc.gateway),
-            )
-        })?;
+        let bound = self.bind(req).await?;
+        failpoint("add-after-bind");
+        let address = Ipv4Net::new(bound.address, block.prefix_len())
+            .map_err(|e| CniError::new(Code::Ipam, e.to_string()))?;
         let spec = PodSpec {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -265,37 +294,31 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         match self.pods.wire(&spec).await {
             Ok(wired) => {
                 failpoint("add-after-wire");
-                info!(%address, host_if = %wired.host.name, "pod wired");
+                info!(%address, host_if = %wired.host.name, fresh = bound.fresh, "pod wired");
                 Ok(result::render(&wired, &req.version))
             }
             Err(e) => {
                 // Nothing of the attachment is left: give the address back.
-                if let Err(status) = self.release(req).await {
-                    self.journal_release(&req.container_id, &req.ifname, &status);
+                if bound.fresh
+                    && let Err(je) = self.reserve.release(&key(req), !self.online())
+                {
+                    warn!(error = %je, "cannot journal the rollback; the address stays bound until the next reconcile");
                 }
                 Err(e.into())
             }
         }
     }
 
-    async fn release(&self, req: &CniRequest) -> Result<Option<String>, Status> {
-        self.release_rpc(&req.container_id, &req.ifname).await
-    }
-
-    async fn release_rpc(
-        &self,
-        container_id: &str,
-        ifname: &str,
-    ) -> Result<Option<String>, Status> {
-        self.ipam.release(&self.node, container_id, ifname).await
-    }
-
     #[instrument(skip_all, fields(container_id = %req.container_id, ifname = %req.ifname))]
     async fn del(&self, req: &CniRequest) -> Result<(), CniError> {
-        // The pod's address, for the conntrack flush, in case the server
-        // cannot tell us (it may be down; DEL must still succeed).
-        let mut address = None;
-        if let Some(netns) = req.netns.as_deref().filter(|p| p.exists()) {
+        // The pod's address, for the conntrack flush, if the book has none.
+        let mut address = self
+            .reserve
+            .binding(&key(req))
+            .map(|b| b.address.to_string());
+        if address.is_none()
+            && let Some(netns) = req.netns.as_deref().filter(|p| p.exists())
+        {
             match self.pods.inspect(netns, &req.ifname).await {
                 Ok(side) => address = side.addresses.first().map(|a| a.addr().to_string()),
                 Err(e) => {
@@ -303,43 +326,21 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 }
             }
         }
-        // Unlinking waits for the kernel's RCU grace period; release the
-        // address meanwhile.
+        // The pod must be unreachable before its address can go to another.
         let host = host_ifname(&req.container_id, &req.ifname);
-        let (unlinked, released) = tokio::join!(self.pods.delete_link(&host), self.release(req));
-        failpoint("del-after-teardown");
-        let mut failures = Vec::new();
-        match released {
-            Ok(released) => {
-                address = released.or(address);
-                // A release journalled by an earlier DEL is done now too.
-                if let Err(e) = self.journal.remove(&req.container_id, &req.ifname) {
-                    failures.push(format!("updating the release journal: {e}"));
-                }
-            }
-            // The pod is gone; the server hears of it when it is back.
-            Err(status) if transient(&status) => {
-                self.journal_release(&req.container_id, &req.ifname, &status);
-                failpoint("del-after-journal");
-            }
-            Err(status) => {
-                warn!(code = ?status.code(), message = status.message(), "the server refused the release")
-            }
-        }
-        // Every step runs whatever failed before it, and every failure is
-        // reported together (netavark's teardown does the same).
-        if let Some(ip) = &address {
-            self.pods.flush_conntrack(ip).await;
-        }
+        let unlinked = self.pods.delete_link(&host).await;
         if let Err(e) = unlinked {
-            let e = CniError::from(e);
-            failures.insert(0, e.msg.clone());
-            return Err(CniError::new(e.code, failures.join("; ")).with_details(e.details));
+            // The veth may still carry traffic: keep the address bound.
+            return Err(e.into());
         }
-        if !failures.is_empty() {
-            return Err(CniError::new(Code::Io, failures.join("; ")));
-        }
-        if let Some(ip) = address {
+        failpoint("del-after-teardown");
+        let released = self
+            .reserve
+            .release(&key(req), !self.online())
+            .map_err(state_error)?;
+        failpoint("del-after-release");
+        if let Some(ip) = released.map(|a| a.to_string()).or(address) {
+            self.pods.flush_conntrack(&ip).await;
             info!(%ip, "pod unwired and released");
         }
         Ok(())
@@ -398,73 +399,54 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             Some(false) => return Err(drift("host interface is not attached to weft0".into())),
             Some(true) => {}
         }
-        if self.journal.contains(&req.container_id, &req.ifname) {
-            return Err(drift(
-                "the attachment was deleted; its release is waiting for weft-server".into(),
-            ));
-        }
-        let alloc = self
-            .ipam
-            .lookup(pb::LookupRequest {
-                node_name: self.node.clone(),
-                container_id: req.container_id.clone(),
-                ifname: req.ifname.clone(),
-            })
-            .await;
-        match alloc {
-            Ok(a) if a.address == prev.address.to_string() => Ok(()),
-            Ok(a) => Err(drift(format!(
-                "the server allocated {}, prevResult says {}",
-                a.address, prev.address
+        // The node is the authority on what it bound (the server hears of
+        // it from the node).
+        match self.reserve.binding(&key(req)) {
+            Some(b) if b.address == prev.address.addr() => Ok(()),
+            Some(b) => Err(drift(format!(
+                "weft-agent bound {} to this attachment, prevResult says {}",
+                b.address, prev.address
             ))),
-            Err(s) if s.code() == GrpcCode::NotFound => Err(drift(
-                "the server has no allocation for this attachment".into(),
+            None => Err(drift(
+                "weft-agent holds no address for this attachment (it was deleted)".into(),
             )),
-            // The kernel is the ground truth of what is wired, and it
-            // matches prevResult: a server outage is not drift.
-            Err(s) if transient(&s) => {
-                warn!(code = ?s.code(), message = s.message(), "CHECK without the server: the kernel matches prevResult");
-                Ok(())
-            }
-            Err(s) => Err(ipam_error(s, "looking up the allocation")),
         }
     }
 
     async fn gc(&self, req: &CniRequest) -> Result<(), CniError> {
-        let valid: Vec<pb::Attachment> = req
+        let keep: HashSet<Key> = req
             .valid_attachments
             .iter()
-            .map(|a| pb::Attachment {
-                container_id: a.container_id.clone(),
-                ifname: a.ifname.clone(),
-            })
+            .map(|a| (a.container_id.clone(), a.ifname.clone()))
             .collect();
-        let released = self
-            .ipam
-            .gc(pb::GcRequest {
-                node_name: self.node.clone(),
-                valid,
-            })
-            .await
-            .map_err(|s| ipam_error(s, "garbage-collecting addresses"))?;
-        let keep: HashSet<String> = req
-            .valid_attachments
-            .iter()
-            .map(|a| host_ifname(&a.container_id, &a.ifname))
-            .collect();
+        let keep_veths: HashSet<String> = keep.iter().map(|(c, i)| host_ifname(c, i)).collect();
         let mut orphans = 0;
         for name in self.pods.host_veths().await? {
-            if !keep.contains(&name) {
+            if !keep_veths.contains(&name) {
                 self.pods.delete_link(&name).await?;
                 orphans += 1;
             }
         }
-        for a in &released {
-            if let Some(ip) = a.address.split('/').next() {
-                self.pods.flush_conntrack(ip).await;
+        let mut released = 0;
+        for k in self.reserve.book().bound.into_keys() {
+            if keep.contains(&k) {
+                continue;
+            }
+            // Not while a CNI call for it is in flight.
+            let Some(_guard) = self.locks.try_lock(k.clone()) else {
+                continue;
+            };
+            let _ = self.pods.delete_link(&host_ifname(&k.0, &k.1)).await;
+            if let Some(ip) = self
+                .reserve
+                .release(&k, !self.online())
+                .map_err(state_error)?
+            {
+                self.pods.flush_conntrack(&ip.to_string()).await;
+                released += 1;
             }
         }
-        info!(released = released.len(), orphans, "GC done");
+        info!(released, orphans, "GC done");
         Ok(())
     }
 
@@ -479,7 +461,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                     ),
                 ));
             }
-            NodePhase::Starting { .. } => {
+            NodePhase::Starting { mtu: None } => {
                 return Err(CniError::new(
                     Code::NotAvailable,
                     format!(
@@ -488,7 +470,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                     ),
                 ));
             }
-            NodePhase::Ready { .. } => {}
+            NodePhase::Starting { .. } | NodePhase::Ready { .. } => {}
         }
         if !self.pods.bridge_exists().await? {
             return Err(CniError::new(
@@ -496,14 +478,23 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 "the bridge weft0 is missing; restart weft-agent",
             ));
         }
-        self.ipam.heartbeat(&self.node).await.map_err(|s| {
-            CniError::new(
-                Code::NotAvailable,
-                "weft-server is not reachable: new pods cannot get addresses",
-            )
-            .with_details(s.message().to_owned())
-        })?;
-        Ok(())
+        // A reserve at hand serves ADDs whatever the server does.
+        let probe = ("".to_owned(), "".to_owned());
+        match self
+            .reserve
+            .book()
+            .bind(&probe, &Pod::default(), crate::reserve::now_ms(), true)
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.ipam.heartbeat(&self.node).await {
+                Ok(()) => Ok(()),
+                Err(s) => Err(CniError::new(
+                    Code::NotAvailable,
+                    format!("{e}, and weft-server is not reachable: new pods cannot get addresses"),
+                )
+                .with_details(s.message().to_owned())),
+            },
+        }
     }
 }
 

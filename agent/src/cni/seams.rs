@@ -1,5 +1,5 @@
 //! What the CNI service needs from the outside, in domain terms: the
-//! server's IPAM ([`Ipam`], over gRPC in [`GrpcIpam`]) and the kernel's pod
+//! server's side of the node's reserve ([`Ipam`], over gRPC in [`GrpcIpam`]) and the kernel's pod
 //! plumbing ([`Pods`], on rtnetlink in [`super::pod::PodNetwork`]). The
 //! service is generic over both, so its decisions (rollback, DEL
 //! aggregation, CHECK drift, GC selection) are unit-tested against the
@@ -16,31 +16,24 @@ use super::{
     result::Wired,
 };
 
-/// ADD must fail fast (with "try again later") when the server is away.
+/// Background calls give up this soon (the reporter retries).
 const IPAM_TIMEOUT: Duration = Duration::from_secs(5);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The server's IPAM, for one node.
+/// The server's side of the node's reserve (docs/design.md), for one node.
 pub trait Ipam: Clone + Send + Sync + 'static {
-    fn allocate(
+    fn reserve(
         &self,
-        req: pb::AllocateRequest,
-    ) -> impl Future<Output = Result<pb::AllocateResponse, Status>> + Send;
-    /// The released address, if the server held one.
-    fn release(
+        req: pb::ReserveRequest,
+    ) -> impl Future<Output = Result<pb::ReserveResponse, Status>> + Send;
+    fn report(
         &self,
-        node: &str,
-        container_id: &str,
-        ifname: &str,
-    ) -> impl Future<Output = Result<Option<String>, Status>> + Send;
-    fn lookup(
+        req: pb::ReportRequest,
+    ) -> impl Future<Output = Result<pb::ReportResponse, Status>> + Send;
+    fn sync(
         &self,
-        req: pb::LookupRequest,
-    ) -> impl Future<Output = Result<pb::Allocation, Status>> + Send;
-    fn gc(
-        &self,
-        req: pb::GcRequest,
-    ) -> impl Future<Output = Result<Vec<pb::Allocation>, Status>> + Send;
+        req: pb::SyncRequest,
+    ) -> impl Future<Output = Result<pb::SyncResponse, Status>> + Send;
     /// Whether the server answers for this node (STATUS).
     fn heartbeat(&self, node: &str) -> impl Future<Output = Result<(), Status>> + Send;
 }
@@ -94,51 +87,28 @@ impl GrpcIpam {
 }
 
 impl Ipam for GrpcIpam {
-    async fn allocate(&self, req: pb::AllocateRequest) -> Result<pb::AllocateResponse, Status> {
+    async fn reserve(&self, req: pb::ReserveRequest) -> Result<pb::ReserveResponse, Status> {
         Ok(self
             .client()
-            .allocate(with_timeout(req, IPAM_TIMEOUT))
+            .reserve(with_timeout(req, IPAM_TIMEOUT))
             .await?
             .into_inner())
     }
 
-    async fn release(
-        &self,
-        node: &str,
-        container_id: &str,
-        ifname: &str,
-    ) -> Result<Option<String>, Status> {
-        let released = self
-            .client()
-            .release(with_timeout(
-                pb::ReleaseRequest {
-                    node_name: node.to_owned(),
-                    container_id: container_id.to_owned(),
-                    ifname: ifname.to_owned(),
-                },
-                IPAM_TIMEOUT,
-            ))
-            .await?
-            .into_inner()
-            .address;
-        Ok(Some(released).filter(|a| !a.is_empty()))
-    }
-
-    async fn lookup(&self, req: pb::LookupRequest) -> Result<pb::Allocation, Status> {
+    async fn report(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, Status> {
         Ok(self
             .client()
-            .lookup(with_timeout(req, IPAM_TIMEOUT))
+            .report(with_timeout(req, IPAM_TIMEOUT))
             .await?
             .into_inner())
     }
 
-    async fn gc(&self, req: pb::GcRequest) -> Result<Vec<pb::Allocation>, Status> {
+    async fn sync(&self, req: pb::SyncRequest) -> Result<pb::SyncResponse, Status> {
         Ok(self
             .client()
-            .gc(with_timeout(req, IPAM_TIMEOUT))
+            .sync(with_timeout(req, IPAM_TIMEOUT))
             .await?
-            .into_inner()
-            .released)
+            .into_inner())
     }
 
     async fn heartbeat(&self, node: &str) -> Result<(), Status> {
@@ -214,10 +184,7 @@ pub mod fake {
     //! Recording fakes: each call is logged as a line, and each answer is
     //! set by the test beforehand.
 
-    use std::{
-        collections::HashMap,
-        sync::{Arc, Mutex},
-    };
+    use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::cni::result::Interface;
@@ -226,15 +193,16 @@ pub mod fake {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A server whose answers the test sets; `down` makes every call
-    /// UNAVAILABLE.
+    /// A server that reserves 10.244.0.2.. in order and records what it
+    /// is told; `down` makes every call UNAVAILABLE.
     #[derive(Debug, Clone, Default)]
     pub struct FakeIpam {
         pub calls: Arc<Mutex<Vec<String>>>,
         pub down: Arc<Mutex<bool>>,
-        /// container id → address (with prefix) it holds.
-        pub held: Arc<Mutex<HashMap<String, String>>>,
         pub next: Arc<Mutex<u8>>,
+        /// Events recorded, in order.
+        pub recorded: Arc<Mutex<Vec<pb::BindingEvent>>>,
+        pub synced: Arc<Mutex<Option<pb::SyncRequest>>>,
     }
 
     impl FakeIpam {
@@ -249,63 +217,51 @@ pub mod fake {
         pub fn calls(&self) -> Vec<String> {
             lock(&self.calls).clone()
         }
+
+        pub fn recorded(&self) -> Vec<String> {
+            lock(&self.recorded)
+                .iter()
+                .map(|e| format!("{} {:?} {} {}", e.seq, e.kind(), e.container_id, e.address))
+                .collect()
+        }
     }
 
     impl Ipam for FakeIpam {
-        async fn allocate(&self, req: pb::AllocateRequest) -> Result<pb::AllocateResponse, Status> {
-            self.call(format!("allocate {}", req.container_id))?;
-            let mut held = lock(&self.held);
-            let address = held
-                .entry(req.container_id)
-                .or_insert_with(|| {
-                    let mut next = lock(&self.next);
+        async fn reserve(&self, req: pb::ReserveRequest) -> Result<pb::ReserveResponse, Status> {
+            self.call(format!("reserve {}", req.count))?;
+            let mut next = lock(&self.next);
+            let addresses = (0..req.count)
+                .map(|_| {
                     *next += 1;
-                    format!("10.244.0.{}/24", *next + 1)
+                    format!("10.244.0.{}", *next + 1)
                 })
-                .clone();
-            Ok(pb::AllocateResponse {
-                address,
-                gateway: "10.244.0.1".into(),
-                mtu: 0,
+                .collect();
+            Ok(pb::ReserveResponse {
+                addresses,
+                bound: Vec::new(),
             })
         }
 
-        async fn release(
-            &self,
-            _node: &str,
-            container_id: &str,
-            _ifname: &str,
-        ) -> Result<Option<String>, Status> {
-            self.call(format!("release {container_id}"))?;
-            Ok(lock(&self.held)
-                .remove(container_id)
-                .map(|a| a.split('/').next().unwrap_or_default().to_owned()))
+        async fn report(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, Status> {
+            self.call(format!("report {}", req.events.len()))?;
+            let mut recorded = lock(&self.recorded);
+            let mut last = recorded.last().map(|e| e.seq).unwrap_or(0);
+            for e in req.events {
+                if e.seq > last {
+                    last = e.seq;
+                    recorded.push(e);
+                }
+            }
+            Ok(pb::ReportResponse {
+                applied_seq: last,
+                resync: false,
+            })
         }
 
-        async fn lookup(&self, req: pb::LookupRequest) -> Result<pb::Allocation, Status> {
-            self.call(format!("lookup {}", req.container_id))?;
-            lock(&self.held)
-                .get(&req.container_id)
-                .map(|a| pb::Allocation {
-                    address: a.clone(),
-                    ..Default::default()
-                })
-                .ok_or_else(|| Status::not_found("no allocation"))
-        }
-
-        async fn gc(&self, req: pb::GcRequest) -> Result<Vec<pb::Allocation>, Status> {
-            self.call(format!("gc {}", req.valid.len()))?;
-            let keep: Vec<String> = req.valid.into_iter().map(|a| a.container_id).collect();
-            let mut held = lock(&self.held);
-            let gone: Vec<String> = held.keys().filter(|k| !keep.contains(k)).cloned().collect();
-            Ok(gone
-                .into_iter()
-                .filter_map(|k| held.remove(&k))
-                .map(|address| pb::Allocation {
-                    address,
-                    ..Default::default()
-                })
-                .collect())
+        async fn sync(&self, req: pb::SyncRequest) -> Result<pb::SyncResponse, Status> {
+            self.call(format!("sync {} bound", req.bound.len()))?;
+            *lock(&self.synced) = Some(req);
+            Ok(pb::SyncResponse::default())
         }
 
         async fn heartbeat(&self, _node: &str) -> Result<(), Status> {

@@ -3,18 +3,18 @@
 use std::{path::PathBuf, time::Duration};
 
 use super::{
+    background::ReserveSettings,
     pod::PodSide,
     pod_error::{PodError, PodErrorKind},
     seams::fake::{FakeIpam, FakePods},
     *,
 };
-use crate::state::StateDir;
 
 struct Rig {
     service: CniService<FakeIpam, FakePods>,
     ipam: FakeIpam,
     pods: FakePods,
-    journal: Arc<ReleaseJournal>,
+    reserve: Arc<Reserve>,
     phase: watch::Sender<NodePhase>,
     dir: PathBuf,
 }
@@ -25,26 +25,42 @@ impl Drop for Rig {
     }
 }
 
-fn rig(name: &str) -> Rig {
+fn ip(last: u8) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 244, 0, last)
+}
+
+/// A registered node whose reserve holds 10.244.0.2 ..= .(1 + `free`).
+fn rig_with(name: &str, free: u8) -> Rig {
     let dir = std::env::temp_dir().join(format!("weft-cni-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let journal = Arc::new(ReleaseJournal::open(StateDir::open(&dir).unwrap()).unwrap());
+    std::fs::create_dir_all(&dir).unwrap();
+    let reserve = Arc::new(Reserve::open(&dir).unwrap());
+    reserve
+        .registered(1, "10.244.0.0/24".parse().unwrap(), ip(1), 60_000)
+        .unwrap();
+    let addresses: Vec<_> = (0..free).map(|i| ip(2 + i)).collect();
+    reserve.grant(&addresses).unwrap();
     let (phase, rx) = watch::channel(NodePhase::Ready { mtu: 1450 });
     let (ipam, pods) = (FakeIpam::default(), FakePods::default());
+    *ipam.next.lock().unwrap() = free;
     Rig {
         service: CniService::new(
             "node-a".into(),
             rx,
             ipam.clone(),
             pods.clone(),
-            journal.clone(),
+            reserve.clone(),
         ),
         ipam,
         pods,
-        journal,
+        reserve,
         phase,
         dir,
     }
+}
+
+fn rig(name: &str) -> Rig {
+    rig_with(name, 8)
 }
 
 fn env(command: &str, cid: &str) -> HashMap<String, String> {
@@ -76,105 +92,86 @@ fn conf_with_prev(address: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+fn address_of(stdout: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(stdout).unwrap();
+    v["ips"][0]["address"].as_str().unwrap().to_owned()
+}
+
+fn bound(r: &Rig) -> Vec<String> {
+    r.reserve
+        .book()
+        .bound
+        .iter()
+        .map(|((c, _), b)| format!("{c} {}", b.address))
+        .collect()
+}
+
+#[tokio::test]
+async fn adds_bind_from_the_reserve_without_asking_the_server() {
+    let r = rig("hot-path");
+    *r.ipam.down.lock().unwrap() = true;
+    let a = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
+    let b = r.service.handle(&env("ADD", "c2"), CONF).await.unwrap();
+    assert_eq!(address_of(&a), "10.244.0.2/24");
+    assert_eq!(address_of(&b), "10.244.0.3/24");
+    // A retried ADD answers the same address.
+    let again = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
+    assert_eq!(address_of(&again), "10.244.0.2/24");
+    assert!(r.ipam.calls().is_empty(), "{:?}", r.ipam.calls());
+    // Bound while the server was away: the events say so.
+    let book = r.reserve.book();
+    assert_eq!(book.pending.len(), 2);
+    assert!(book.pending.iter().all(|e| e.offline));
+}
+
+#[tokio::test]
+async fn an_exhausted_reserve_with_the_server_down_answers_11_at_once() {
+    let r = rig_with("exhausted", 1);
+    r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = r.service.handle(&env("ADD", "c2"), CONF).await.unwrap_err();
+    assert_eq!(err.code, Code::TryAgainLater);
+    assert!(err.msg.contains("not reachable"), "{err:?}");
+    // Not the refill wait (5 s) an online node allows.
+    assert!(started.elapsed() < REFILL_WAIT, "{:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn a_failed_wiring_gives_the_address_back() {
     let r = rig("rollback");
     *r.pods.fail_wire.lock().unwrap() = Some(PodError::new(PodErrorKind::Kernel, "veth refused"));
     let err = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
     assert_eq!(err.code, Code::Datapath);
-    assert_eq!(r.ipam.calls(), ["allocate c1", "release c1"]);
-    assert!(r.ipam.held.lock().unwrap().is_empty());
-    assert!(r.journal.pending().is_empty());
+    let book = r.reserve.book();
+    assert!(book.bound.is_empty());
+    assert_eq!(book.free.back(), Some(&ip(2)), "last to come back");
+    let kinds: Vec<_> = book.pending.iter().map(|e| e.kind).collect();
+    use crate::reserve::book::EventKind;
+    assert_eq!(kinds, [EventKind::Bind, EventKind::Release]);
 }
 
 #[tokio::test]
-async fn a_rollback_the_server_cannot_take_is_journalled() {
-    let r = rig("rollback-journal");
-    *r.pods.fail_wire.lock().unwrap() = Some(PodError::new(PodErrorKind::Kernel, "veth refused"));
-    // The server answers the Allocate, then cannot take the Release.
-    let service = CniService::new(
-        "node-a".into(),
-        r.phase.subscribe(),
-        FailReleases(r.ipam.clone()),
-        r.pods.clone(),
-        r.journal.clone(),
-    );
-    let err = service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
-    assert_eq!(err.code, Code::Datapath);
-    let pending: Vec<String> = r
-        .journal
-        .pending()
-        .into_iter()
-        .map(|p| p.container_id)
-        .collect();
-    assert_eq!(pending, ["c1"]);
-}
-
-/// The fake server, with every Release UNAVAILABLE.
-#[derive(Debug, Clone)]
-struct FailReleases(FakeIpam);
-
-impl Ipam for FailReleases {
-    async fn allocate(&self, req: pb::AllocateRequest) -> Result<pb::AllocateResponse, Status> {
-        self.0.allocate(req).await
-    }
-    async fn release(&self, _: &str, _: &str, _: &str) -> Result<Option<String>, Status> {
-        Err(Status::unavailable("down"))
-    }
-    async fn lookup(&self, req: pb::LookupRequest) -> Result<pb::Allocation, Status> {
-        self.0.lookup(req).await
-    }
-    async fn gc(&self, req: pb::GcRequest) -> Result<Vec<pb::Allocation>, Status> {
-        self.0.gc(req).await
-    }
-    async fn heartbeat(&self, node: &str) -> Result<(), Status> {
-        self.0.heartbeat(node).await
-    }
-}
-
-#[tokio::test]
-async fn del_reports_every_failure_and_still_flushes_conntrack() {
+async fn a_del_whose_veth_cannot_be_deleted_keeps_the_address_bound() {
     let r = rig("del");
     r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
-    *r.pods.fail_delete.lock().unwrap() = Some(PodError::new(
-        PodErrorKind::Kernel,
-        "deleting the host veth: EBUSY",
-    ));
+    *r.pods.fail_delete.lock().unwrap() = Some(PodError::new(PodErrorKind::Kernel, "link busy"));
     let err = r.service.handle(&env("DEL", "c1"), CONF).await.unwrap_err();
-    assert_eq!(err.code, Code::Datapath);
-    assert!(err.msg.contains("EBUSY"), "{err:?}");
-    let calls = r.pods.calls();
-    assert!(
-        calls.iter().any(|c| c == "flush_conntrack 10.244.0.2"),
-        "the flush ran although the unlink failed: {calls:?}"
+    assert!(err.msg.contains("link busy"), "{err:?}");
+    assert_eq!(
+        bound(&r),
+        ["c1 10.244.0.2"],
+        "still reachable: not released"
     );
-    assert!(r.ipam.held.lock().unwrap().is_empty(), "released anyway");
-}
-
-#[tokio::test]
-async fn del_with_the_server_down_succeeds_and_the_flusher_reports_it_later() {
-    let r = rig("del-down");
-    r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
-    *r.ipam.down.lock().unwrap() = true;
+    *r.pods.fail_delete.lock().unwrap() = None;
     r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
-    assert!(r.journal.contains("c1", "eth0"));
-    *r.ipam.down.lock().unwrap() = false;
-    let (stop_tx, stop) = watch::channel(false);
-    let flusher = tokio::spawn(
-        r.service
-            .clone()
-            .flush_releases(Duration::from_millis(10), stop),
+    assert!(bound(&r).is_empty());
+    assert!(
+        r.pods
+            .calls()
+            .contains(&"flush_conntrack 10.244.0.2".to_owned())
     );
-    for _ in 0..200 {
-        if r.journal.pending().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    stop_tx.send_replace(true);
-    flusher.await.unwrap();
-    assert!(r.journal.pending().is_empty());
-    assert!(r.ipam.held.lock().unwrap().is_empty());
+    // DEL again (a retried DEL) is a success with nothing to do.
+    r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
 }
 
 #[tokio::test]
@@ -183,19 +180,23 @@ async fn add_waits_for_registration_and_refuses_on_a_fenced_node() {
     r.phase.send_replace(NodePhase::Starting { mtu: None });
     let err = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
     assert_eq!(err.code, Code::TryAgainLater);
+    // Restarted with the datapath of the last run in place: ADD binds.
+    r.phase
+        .send_replace(NodePhase::Starting { mtu: Some(1450) });
+    r.service.handle(&env("ADD", "c0"), CONF).await.unwrap();
     r.phase.send_replace(NodePhase::Fenced { mtu: 1450 });
     let err = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap_err();
     assert_eq!(err.code, Code::Ipam);
     assert!(err.msg.contains("deleted"), "{err:?}");
-    assert!(r.ipam.calls().is_empty(), "no allocation was asked for");
+    assert_eq!(bound(&r), ["c0 10.244.0.2"], "nothing bound while fenced");
     let mut status = env("STATUS", "");
     status.remove("CNI_CONTAINERID");
     let conf = br#"{"cniVersion":"1.1.0","name":"weft","type":"weft"}"#;
     let err = r.service.handle(&status, conf).await.unwrap_err();
     assert_eq!(err.code, Code::NotAvailable);
     assert!(err.msg.contains("deleted"), "{err:?}");
-    // DEL is served in both phases.
-    r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
+    // DEL is served in every phase.
+    r.service.handle(&env("DEL", "c0"), CONF).await.unwrap();
 }
 
 #[tokio::test]
@@ -253,26 +254,19 @@ async fn check_names_what_drifted() {
             }
         }
     }
-    // The server holding another address is drift; the server away is not.
-    r.ipam
-        .held
-        .lock()
-        .unwrap()
-        .insert("c1".into(), "10.244.0.9/24".into());
+    // An attachment the node never bound (or released) is drift.
     *r.pods.side.lock().unwrap() = good;
     *r.pods.host_attached.lock().unwrap() = Some(true);
     let err = r
         .service
-        .handle(&env("CHECK", "c1"), &conf)
+        .handle(&env("CHECK", "other"), &conf)
         .await
         .unwrap_err();
-    assert!(err.msg.contains("10.244.0.9"), "{err:?}");
-    *r.ipam.down.lock().unwrap() = true;
-    r.service.handle(&env("CHECK", "c1"), &conf).await.unwrap();
+    assert!(err.msg.contains("holds no address"), "{err:?}");
 }
 
 #[tokio::test]
-async fn gc_deletes_only_veths_of_unlisted_attachments() {
+async fn gc_deletes_veths_and_releases_bindings_of_unlisted_attachments() {
     let r = rig("gc");
     r.service.handle(&env("ADD", "keep"), CONF).await.unwrap();
     r.service.handle(&env("ADD", "gone"), CONF).await.unwrap();
@@ -293,7 +287,54 @@ async fn gc_deletes_only_veths_of_unlisted_attachments() {
         .into_iter()
         .filter_map(|c| c.strip_prefix("delete_link ").map(str::to_owned))
         .collect();
-    assert_eq!(deleted, [orphan]);
-    let held: Vec<String> = r.ipam.held.lock().unwrap().keys().cloned().collect();
-    assert_eq!(held, ["keep"]);
+    assert!(deleted.iter().all(|d| *d == orphan), "{deleted:?}");
+    assert!(!deleted.is_empty());
+    assert_eq!(bound(&r), ["keep 10.244.0.2"]);
+}
+
+#[tokio::test]
+async fn the_kernel_check_releases_bindings_whose_veth_is_gone() {
+    let r = rig("kernel");
+    r.service.handle(&env("ADD", "wired"), CONF).await.unwrap();
+    r.service
+        .handle(&env("ADD", "crashed"), CONF)
+        .await
+        .unwrap();
+    *r.pods.veths.lock().unwrap() = vec![host_ifname("wired", "eth0")];
+    assert_eq!(r.service.check_kernel().await.unwrap(), 1);
+    assert_eq!(bound(&r), ["wired 10.244.0.2"]);
+}
+
+#[tokio::test]
+async fn the_background_reports_in_order_refills_and_syncs() {
+    let r = rig_with("background", 2);
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(r.service.clone().run_background(
+        ReserveSettings {
+            low: 4,
+            high: 6,
+            reconcile_every: Duration::from_secs(3600),
+            grace: Duration::from_secs(3600),
+        },
+        r.phase.clone(),
+        crate::metrics::AgentMetrics::new(),
+        stop,
+    ));
+    r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
+    r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.ipam.recorded().len() < 2 || r.reserve.book().free.len() < 6 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", r.ipam.calls());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        r.ipam.recorded(),
+        ["1 Bind c1 10.244.0.2", "2 Release c1 10.244.0.2"]
+    );
+    assert!(r.reserve.book().pending.is_empty(), "acknowledged");
+    let calls = r.ipam.calls();
+    assert!(calls.iter().any(|c| c.starts_with("reserve ")), "{calls:?}");
+    assert!(calls.iter().any(|c| c.starts_with("sync ")), "{calls:?}");
+    stop_tx.send_replace(true);
+    task.await.unwrap();
 }

@@ -179,16 +179,18 @@ impl Admin for Services {
             let per_block = layout.block(0).map(|b| b.capacity()).unwrap_or(0);
             let nodes: Vec<pb::NodeUtilization> = rows
                 .into_iter()
-                .map(|(node_name, block, used)| pb::NodeUtilization {
+                .map(|(node_name, block, used, reserved)| pb::NodeUtilization {
                     node_name,
                     block: block.to_string(),
                     used,
                     capacity: block.capacity(),
+                    reserved,
                 })
                 .collect();
             let blocks_used = u32::try_from(nodes.len()).unwrap_or(u32::MAX);
             Ok(Response::new(pb::UtilizationResponse {
                 used: nodes.iter().map(|n| u64::from(n.used)).sum(),
+                reserved: nodes.iter().map(|n| u64::from(n.reserved)).sum(),
                 // The cluster's capacity counts every block, assigned or not.
                 capacity: u64::from(layout.block_count()) * u64::from(per_block),
                 blocks_used,

@@ -40,6 +40,7 @@ pub(super) fn node_pb(n: NodeRecord) -> pb::Node {
         last_seen: Some(timestamp(n.last_seen)),
         allocated: n.allocated,
         capacity: n.block.capacity(),
+        reserved: n.reserved,
     }
 }
 
@@ -58,6 +59,10 @@ pub(super) fn allocation_pb(a: AllocationRecord) -> pb::Allocation {
         pod_name: a.pod.name,
         pod_uid: a.pod.uid,
         allocated_at: Some(timestamp(a.allocated_at)),
+        state: a.state,
+        offline: a.offline,
+        bound_at: Some(timestamp(a.at)),
+        recorded_at: Some(timestamp(a.recorded_at)),
     }
 }
 
@@ -74,6 +79,9 @@ pub(super) fn audit_pb(a: AuditRecord) -> pb::AuditEntry {
         pod_namespace: a.pod.namespace,
         pod_name: a.pod.name,
         pod_uid: a.pod.uid,
+        recorded_at: Some(timestamp(a.recorded_at)),
+        offline: a.offline,
+        detail: a.detail.unwrap_or_default(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `weft.v1.Ipam`: Allocate, Release, Gc and Lookup for one node's pods.
+//! `weft.v1.Ipam`: Allocate, Release, Gc and Lookup for one node's pods;
+//! Reserve, Report and Sync are in [`super::reserves`].
 
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
@@ -144,5 +145,26 @@ impl Ipam for Services {
                 })
         })
         .await
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        self.reserve_rpc(request).await
+    }
+
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        self.report_rpc(request).await
+    }
+
+    async fn sync(
+        &self,
+        request: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        self.sync_rpc(request).await
     }
 }

@@ -10,6 +10,7 @@ pub mod auth;
 mod check;
 mod convert;
 pub mod ipam;
+mod reserves;
 pub mod topology;
 
 use std::{sync::Arc, time::Instant};

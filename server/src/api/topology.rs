@@ -60,6 +60,9 @@ impl Topology for Services {
                 cluster_cidr: store.layout().cidr().to_string(),
                 mtu_hint: self.inner.mtu_hint,
                 revision: reg.revision,
+                epoch: reg.epoch,
+                reserve_lease_seconds: u32::try_from(store.reserve_lease().as_secs())
+                    .unwrap_or(u32::MAX),
             }))
         })
         .await

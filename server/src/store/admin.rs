@@ -23,7 +23,8 @@ impl Store {
         let rows: Vec<NodeRow> = sqlx::query_as(
             "SELECT n.name, n.underlay_ip, n.vtep_mac::text AS vtep_mac, n.block,
                     n.registered_at, n.last_seen,
-                    (SELECT count(*) FROM allocations a WHERE a.node_name = n.name) AS allocated
+                    (SELECT count(*) FROM allocations a WHERE a.node_name = n.name AND a.state = 'bound') AS allocated,
+                    (SELECT count(*) FROM allocations a WHERE a.node_name = n.name AND a.state = 'reserved') AS reserved
              FROM nodes n ORDER BY n.name",
         )
         .fetch_all(&self.pool)
@@ -35,7 +36,8 @@ impl Store {
         let row: Option<NodeRow> = sqlx::query_as(
             "SELECT n.name, n.underlay_ip, n.vtep_mac::text AS vtep_mac, n.block,
                     n.registered_at, n.last_seen,
-                    (SELECT count(*) FROM allocations a WHERE a.node_name = n.name) AS allocated
+                    (SELECT count(*) FROM allocations a WHERE a.node_name = n.name AND a.state = 'bound') AS allocated,
+                    (SELECT count(*) FROM allocations a WHERE a.node_name = n.name AND a.state = 'reserved') AS reserved
              FROM nodes n WHERE n.name = $1",
         )
         .bind(name.as_str())
@@ -101,17 +103,21 @@ impl Store {
         rows.into_iter().map(audit_from_row).collect()
     }
 
-    /// Used addresses per node, for utilization and metrics.
-    pub async fn utilization(&self) -> Result<Vec<(String, NodeBlock, u32)>> {
-        let rows: Vec<(String, IpNet, i64)> = sqlx::query_as(
-            "SELECT n.name, n.block, count(a.address)
+    /// Bound and reserved addresses per node, for utilization and metrics.
+    pub async fn utilization(&self) -> Result<Vec<(String, NodeBlock, u32, u32)>> {
+        let rows: Vec<(String, IpNet, i64, i64)> = sqlx::query_as(
+            "SELECT n.name, n.block,
+                    count(a.address) FILTER (WHERE a.state = 'bound'),
+                    count(a.address) FILTER (WHERE a.state = 'reserved')
              FROM nodes n LEFT JOIN allocations a ON a.node_name = n.name
              GROUP BY n.name, n.block ORDER BY n.name",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(name, block, used)| Ok((name, to_block(block)?, count_u32(used))))
+            .map(|(name, block, used, reserved)| {
+                Ok((name, to_block(block)?, count_u32(used), count_u32(reserved)))
+            })
             .collect()
     }
 }

@@ -68,6 +68,15 @@ pub enum StoreError {
         cidr: Ipv4Net,
         prefix: u8,
     },
+    #[error(
+        "node {node} is at epoch {current}, the caller at {epoch}: the node was deleted and registered again; \
+         the caller's reserve is void (restart weft-agent)"
+    )]
+    StaleEpoch {
+        node: NodeName,
+        epoch: u64,
+        current: u64,
+    },
     #[error("concurrent updates kept conflicting after {MAX_ATTEMPTS} attempts; retry")]
     Conflict,
     #[error("unexpected data in the database: {0}")]

@@ -60,8 +60,8 @@ impl Store {
             .await?;
             let mut used = HashSet::with_capacity(rows.len());
             for row in rows {
-                if row.container_id == attachment.container_id.as_str()
-                    && row.ifname == attachment.ifname.as_str()
+                if row.container_id.as_deref() == Some(attachment.container_id.as_str())
+                    && row.ifname.as_deref() == Some(attachment.ifname.as_str())
                 {
                     if row.node_name != node.as_str() {
                         return Err(StoreError::AttachmentOnOtherNode {
@@ -123,6 +123,10 @@ impl Store {
                     ifname: attachment.ifname.to_string(),
                     pod: pod.clone(),
                     allocated_at,
+                    state: "bound".into(),
+                    offline: false,
+                    at: allocated_at,
+                    recorded_at: allocated_at,
                 },
                 true,
             ))
@@ -196,7 +200,7 @@ impl Store {
             if exists.is_none() {
                 return Err(StoreError::UnknownNode(node.clone()));
             }
-            release_where_node(tx, node.as_str(), valid, "gc", actor).await
+            release_where_node(tx, node.as_str(), valid, "gc", actor, true).await
         })
     }
 }
@@ -210,6 +214,7 @@ pub(super) async fn release_where_node(
     keep: &[Attachment],
     action: &str,
     actor: &str,
+    bound_only: bool,
 ) -> Result<Vec<AllocationRecord>> {
     let keep_ids: Vec<&str> = keep.iter().map(|a| a.container_id.as_str()).collect();
     let keep_ifs: Vec<&str> = keep.iter().map(|a| a.ifname.as_str()).collect();
@@ -217,6 +222,7 @@ pub(super) async fn release_where_node(
         "WITH released AS (
             DELETE FROM allocations a USING nodes n
             WHERE a.node_name = $1 AND n.name = a.node_name
+              AND (NOT $6 OR a.state = 'bound')
               AND (a.container_id, a.ifname) NOT IN
                   (SELECT * FROM unnest($2::text[], $3::text[]))
             RETURNING a.*, n.block
@@ -233,6 +239,7 @@ pub(super) async fn release_where_node(
     .bind(keep_ifs)
     .bind(action)
     .bind(actor)
+    .bind(bound_only)
     .fetch_all(&mut **tx)
     .await?;
     rows.into_iter().map(allocation_from_row).collect()

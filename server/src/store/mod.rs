@@ -7,7 +7,8 @@
 
 //!
 //! By concern: [`topology`] (nodes, registration, the event history),
-//! [`ipam`] (allocate, release, GC), [`admin`] (read-only queries),
+//! [`ipam`] (allocate, release, GC), [`reserves`] (per-node reserves:
+//! reserve, report, sync), [`admin`] (read-only queries),
 //! [`error`] (domain outcomes and opaque database failures), [`records`]
 //! (what callers get), [`rows`] (what sqlx reads). Decisions that need no
 //! database (block layout, round-robin, address arithmetic) live in
@@ -65,11 +66,13 @@ mod admin;
 mod error;
 mod ipam;
 mod records;
+mod reserves;
 mod rows;
 mod topology;
 
 pub use error::{DatabaseError, MAX_ATTEMPTS, Result, StoreError, sqlstate_unavailable};
 pub use records::*;
+pub use reserves::MAX_RESERVE;
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -84,7 +87,7 @@ pub struct Store {
 /// snapshot, which is smaller than the replay.
 pub const MAX_REPLAY: i64 = 1024;
 /// Default quarantine of a deleted node's block.
-pub const DEFAULT_QUARANTINE: Duration = Duration::from_secs(600);
+pub const DEFAULT_QUARANTINE: Duration = Duration::from_secs(3600);
 
 // === impl Store ===
 
@@ -111,6 +114,13 @@ impl Store {
     pub fn with_quarantine(mut self, quarantine: Duration) -> Self {
         self.quarantine = quarantine;
         self
+    }
+
+    /// How long an agent may bind from its reserve without hearing from
+    /// a server: half the quarantine, so an agent cut off from a deleted
+    /// node's server stops binding well before its block can move.
+    pub fn reserve_lease(&self) -> Duration {
+        self.quarantine / 2
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -18,7 +18,10 @@ pub struct NodeRecord {
     pub block: NodeBlock,
     pub registered_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
+    /// Bound addresses.
     pub allocated: u32,
+    /// Reserved for the node, not bound.
+    pub reserved: u32,
 }
 
 /// The tunnel view of a node.
@@ -60,6 +63,12 @@ pub struct AllocationRecord {
     pub ifname: String,
     pub pod: PodRef,
     pub allocated_at: DateTime<Utc>,
+    /// "reserved" or "bound".
+    pub state: String,
+    pub offline: bool,
+    /// When the node bound it (node clock).
+    pub at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +82,9 @@ pub struct AuditRecord {
     pub container_id: Option<String>,
     pub ifname: Option<String>,
     pub pod: PodRef,
+    pub recorded_at: DateTime<Utc>,
+    pub offline: bool,
+    pub detail: Option<String>,
 }
 
 /// What a registration did.
@@ -81,6 +93,7 @@ pub struct Registration {
     pub block: NodeBlock,
     pub revision: u64,
     pub changed: bool,
+    pub epoch: u64,
 }
 
 /// Filters for listing allocations; `None` does not filter.
@@ -101,4 +114,48 @@ pub struct AllocationFilter {
 pub enum HistoryKey {
     Address(Ipv4Addr),
     Container(ContainerId),
+}
+
+/// A bind or a release as the node did it (issue 14's reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEvent {
+    pub seq: u64,
+    pub kind: NodeEventKind,
+    pub address: Ipv4Addr,
+    pub binding: Binding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeEventKind {
+    Bind,
+    Release,
+}
+
+/// An address bound to an attachment on a node, with when the node did it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub container_id: String,
+    pub ifname: String,
+    pub pod: PodRef,
+    pub at: DateTime<Utc>,
+    pub offline: bool,
+}
+
+/// What a report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// Recorded up to this seq.
+    Applied(u64),
+    /// The events do not follow the recorded seq: a commit was lost.
+    Gap { recorded: u64 },
+}
+
+/// What a sync changed; `stale` when the database holds later events than
+/// the node's view (nothing was changed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncCounts {
+    pub created: u32,
+    pub changed: u32,
+    pub removed: u32,
+    pub stale: bool,
 }

@@ -23,6 +23,7 @@ pub(super) struct NodeRow {
     pub(super) registered_at: DateTime<Utc>,
     pub(super) last_seen: DateTime<Utc>,
     pub(super) allocated: i64,
+    pub(super) reserved: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -30,12 +31,16 @@ pub(super) struct AllocationRow {
     pub(super) node_name: String,
     pub(super) address: IpAddr,
     pub(super) block: IpNet,
-    pub(super) container_id: String,
-    pub(super) ifname: String,
+    pub(super) container_id: Option<String>,
+    pub(super) ifname: Option<String>,
     pub(super) pod_namespace: String,
     pub(super) pod_name: String,
     pub(super) pod_uid: String,
     pub(super) allocated_at: DateTime<Utc>,
+    pub(super) state: String,
+    pub(super) offline: bool,
+    pub(super) at: DateTime<Utc>,
+    pub(super) recorded_at: DateTime<Utc>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -61,6 +66,9 @@ pub(super) struct AuditRow {
     pub(super) pod_namespace: Option<String>,
     pub(super) pod_name: Option<String>,
     pub(super) pod_uid: Option<String>,
+    pub(super) recorded_at: Option<DateTime<Utc>>,
+    pub(super) offline: bool,
+    pub(super) detail: Option<String>,
 }
 
 // === row conversions ===
@@ -102,6 +110,7 @@ pub(super) fn node_from_row(row: NodeRow) -> Result<NodeRecord> {
         registered_at: row.registered_at,
         last_seen: row.last_seen,
         allocated: count_u32(row.allocated),
+        reserved: count_u32(row.reserved),
     })
 }
 
@@ -110,14 +119,18 @@ pub(super) fn allocation_from_row(row: AllocationRow) -> Result<AllocationRecord
         node_name: row.node_name,
         address: to_v4(row.address)?,
         block: to_block(row.block)?,
-        container_id: row.container_id,
-        ifname: row.ifname,
+        container_id: row.container_id.unwrap_or_default(),
+        ifname: row.ifname.unwrap_or_default(),
         pod: PodRef {
             namespace: row.pod_namespace,
             name: row.pod_name,
             uid: row.pod_uid,
         },
         allocated_at: row.allocated_at,
+        state: row.state,
+        offline: row.offline,
+        at: row.at,
+        recorded_at: row.recorded_at,
     })
 }
 
@@ -157,5 +170,8 @@ pub(super) fn audit_from_row(row: AuditRow) -> Result<AuditRecord> {
             name: row.pod_name.unwrap_or_default(),
             uid: row.pod_uid.unwrap_or_default(),
         },
+        recorded_at: row.recorded_at.unwrap_or(row.at),
+        offline: row.offline,
+        detail: row.detail,
     })
 }

@@ -56,15 +56,16 @@ impl Store {
                     holder,
                 });
             }
-            let existing: Option<(IpAddr, String, IpNet)> = sqlx::query_as(
-                "SELECT underlay_ip, vtep_mac::text, block FROM nodes WHERE name = $1",
+            let existing: Option<(IpAddr, String, IpNet, i64)> = sqlx::query_as(
+                "SELECT underlay_ip, vtep_mac::text, block, epoch FROM nodes WHERE name = $1",
             )
             .bind(name.as_str())
             .fetch_optional(&mut **tx)
             .await?;
 
-            let (block, action) = match existing {
-                Some((ip, stored_mac, block)) => {
+            let (block, action, epoch) = match existing {
+                Some((ip, stored_mac, block, epoch)) => {
+                    let epoch = rev_u64(epoch);
                     let block = to_block(block)?;
                     if ip == IpAddr::V4(underlay.addr()) && stored_mac == mac.to_string() {
                         sqlx::query("UPDATE nodes SET last_seen = now() WHERE name = $1")
@@ -75,6 +76,7 @@ impl Store {
                             block,
                             revision,
                             changed: false,
+                            epoch,
                         });
                     }
                     sqlx::query(
@@ -86,7 +88,7 @@ impl Store {
                     .bind(mac.to_string())
                     .execute(&mut **tx)
                     .await?;
-                    (block, "node_update")
+                    (block, "node_update", epoch)
                 }
                 None => {
                     // A node registering again gets its quarantined block
@@ -129,9 +131,9 @@ impl Store {
                     let block = layout
                         .block(index)
                         .ok_or_else(|| StoreError::Corrupt(format!("block index {index}")))?;
-                    sqlx::query(
+                    let epoch: i64 = sqlx::query_scalar(
                         "INSERT INTO nodes (name, underlay_ip, vtep_mac, block_index, block)
-                         VALUES ($1, $2, $3::macaddr, $4, $5)",
+                         VALUES ($1, $2, $3::macaddr, $4, $5) RETURNING epoch",
                     )
                     .bind(name.as_str())
                     .bind(IpAddr::V4(underlay.addr()))
@@ -141,9 +143,9 @@ impl Store {
                             .map_err(|_| StoreError::Corrupt("block index".into()))?,
                     )
                     .bind(IpNet::V4(block.net()))
-                    .execute(&mut **tx)
+                    .fetch_one(&mut **tx)
                     .await?;
-                    (block, "node_register")
+                    (block, "node_register", rev_u64(epoch))
                 }
             };
 
@@ -164,6 +166,7 @@ impl Store {
                 block,
                 revision,
                 changed: true,
+                epoch,
             })
         })
     }
@@ -210,7 +213,8 @@ impl Store {
             if exists.is_none() {
                 return Err(StoreError::UnknownNode(name.clone()));
             }
-            let released = release_where_node(tx, name.as_str(), &[], "release", actor).await?;
+            let released =
+                release_where_node(tx, name.as_str(), &[], "release", actor, false).await?;
             // Its agent may still run pods in the block: hold it back.
             sqlx::query(
                 "INSERT INTO retired_blocks (block_index, block, node_name, until)
