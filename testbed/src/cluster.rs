@@ -133,12 +133,18 @@ impl Cluster {
     /// Fabric + control namespaces and `nodes` node namespaces; the server
     /// is started, the agents are not.
     pub fn new(nodes: usize) -> Self {
+        let admin_url = std::env::var("DATABASE_URL").expect("DATABASE_URL (scripts/test sets it)");
+        Self::on_database(nodes, admin_url)
+    }
+
+    /// As [`Cluster::new`], on the PostgreSQL cluster at `admin_url` (a
+    /// test that stops PostgreSQL brings its own, [`PrivatePostgres`]).
+    pub fn on_database(nodes: usize, admin_url: String) -> Self {
         let id = format!(
             "wt{}x{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        let admin_url = std::env::var("DATABASE_URL").expect("DATABASE_URL (scripts/test sets it)");
         let dir = std::env::temp_dir().join(&id);
         fs::create_dir_all(&dir).unwrap();
         let mut c = Cluster {
@@ -803,5 +809,47 @@ impl Drop for Cluster {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL cluster of one test's own (scripts/pg.sh), so the test can
+/// stop and start it without touching the others'. Removed on drop.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    dir: PathBuf,
+    pub url: String,
+}
+
+fn pg_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg.sh")
+}
+
+impl PrivatePostgres {
+    pub fn start(port: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("weft-pg-{}-{port}", std::process::id()));
+        let out = run(Command::new(pg_script())
+            .args(["start"])
+            .arg(&dir)
+            .arg(port.to_string()));
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Self { dir, url }
+    }
+
+    /// Stops it, keeping its data (an outage).
+    pub fn halt(&self) {
+        run(Command::new(pg_script()).arg("halt").arg(&self.dir));
+    }
+
+    pub fn resume(&self) {
+        run(Command::new(pg_script()).arg("resume").arg(&self.dir));
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new(pg_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
     }
 }
