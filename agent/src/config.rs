@@ -64,13 +64,14 @@ pub struct Cli {
     pub heartbeat_seconds: String,
 
     /// Refill the address reserve when fewer than this many are free.
-    #[arg(long, env = "WEFT_RESERVE_LOW", default_value = "16")]
+    #[arg(long, env = "WEFT_RESERVE_LOW", default_value = "64")]
     pub reserve_low: String,
 
-    /// Refill the address reserve up to this many free addresses (a
-    /// 110-pod node restarting every pod at once draws on it while the
-    /// refill runs).
-    #[arg(long, env = "WEFT_RESERVE_HIGH", default_value = "48")]
+    /// Refill the address reserve up to this many free addresses: enough
+    /// for a 110-pod node to start every pod at once without waiting on
+    /// the server (the block is the node's alone, so a large reserve takes
+    /// nothing from other nodes).
+    #[arg(long, env = "WEFT_RESERVE_HIGH", default_value = "128")]
     pub reserve_high: String,
 
     /// Seconds the agent binds from its reserve without hearing from a
@@ -344,8 +345,8 @@ impl Config {
                 state_dir: cli.state_dir,
                 metrics_listen,
                 heartbeat_seconds,
-                reserve_low: usize::try_from(low).unwrap_or(16),
-                reserve_high: usize::try_from(high).unwrap_or(48),
+                reserve_low: usize::try_from(low).unwrap_or(64),
+                reserve_high: usize::try_from(high).unwrap_or(128),
                 reserve_lease: std::time::Duration::from_secs(lease),
                 reconcile: std::time::Duration::from_secs(reconcile),
                 log_format: cli.log_format,

@@ -150,6 +150,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     let lease = config.reserve_lease.min(Duration::from_secs(u64::from(
         assignment.reserve_lease_seconds,
     )));
+    let fresh_book = reserve.book().epoch == 0;
     let new_epoch = reserve.registered(
         assignment.epoch,
         assignment.block,
@@ -161,6 +162,20 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
             epoch = assignment.epoch,
             "registered under a new epoch: the old reserve is void"
         );
+    }
+    if fresh_book {
+        // Pods an older agent (or a lost state directory) left wired keep
+        // their addresses.
+        match service.adopt().await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                adopted = n,
+                "adopted pods wired before this state directory existed"
+            ),
+            Err(e) => {
+                warn!(error = %e, "cannot adopt the node's existing pods; the first sync may release their rows")
+            }
+        }
     }
     if let Err(e) = state.save_node(&state::SavedNode {
         node_name: node.clone(),

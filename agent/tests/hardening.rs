@@ -384,3 +384,39 @@ fn an_agent_notices_a_server_gone_without_a_fin_and_watches_again() {
         c.routes_on_tunnel(0).len() == 1
     });
 }
+
+#[test]
+fn an_agent_that_lost_its_state_directory_adopts_the_pods_that_are_wired() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    c.start_agent(0);
+    let (ip, _) = add(&mut c, 0, "p");
+    c.sql_settles(
+        "SELECT container_id FROM allocations WHERE state = 'bound'",
+        &["ctr-p"],
+    );
+    // An upgrade from an agent without the reserve journal, or a wiped
+    // state directory: the pod is wired, the book knows nothing of it.
+    kill_agent(&mut c, 0);
+    for f in ["events.log", "reserve.json"] {
+        let _ = fs::remove_file(c.state_dir(0).join(f));
+    }
+    c.start_agent(0);
+    wait_until("the adoption", Duration::from_secs(10), || {
+        c.agent_log(0).contains("adopted pods")
+    });
+    // Many ADDs later the adopted address has never been handed out again,
+    // and the first syncs kept its row.
+    let mut seen = Vec::new();
+    for i in 0..20 {
+        let (other, _) = add(&mut c, 0, &format!("n{i}"));
+        seen.push(other);
+    }
+    assert!(!seen.contains(&ip), "{ip} handed out twice: {seen:?}");
+    c.sql_settles(
+        &format!("SELECT container_id FROM allocations WHERE address = '{ip}'"),
+        &["ctr-p"],
+    );
+}

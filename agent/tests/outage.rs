@@ -69,10 +69,10 @@ fn pods_start_and_stop_with_server_and_postgres_down_and_postgres_converges_afte
     for n in 0..NODES {
         c.start_agent(n);
     }
-    // Every node holds a full reserve (48 by default).
+    // Every node holds a full reserve (128 by default).
     c.sql_settles(
         "SELECT count(*) FROM allocations WHERE state = 'reserved'",
-        &[&(48 * NODES).to_string()],
+        &[&(128 * NODES).to_string()],
     );
     let mut pods = Pods {
         live: BTreeMap::new(),

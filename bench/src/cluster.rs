@@ -50,7 +50,7 @@ impl Env {
 /// Fields drop in order: processes first, then their namespaces.
 pub struct Cluster {
     pub agents: Vec<Proc>,
-    _server: Proc,
+    server: Option<Proc>,
     pub id: String,
     pub database_url: String,
     pub dir: PathBuf,
@@ -106,7 +106,7 @@ impl Cluster {
             id: id.to_owned(),
             nodes: Vec::new(),
             agents: Vec::new(),
-            _server: server,
+            server: Some(server),
             database_url,
             dir,
             _control: control,
@@ -122,6 +122,11 @@ impl Cluster {
             c.start_agent(env, n)?;
         }
         Ok(c)
+    }
+
+    /// Stops weft-server (an outage); agents keep their reserves.
+    pub fn stop_server(&mut self) {
+        drop(self.server.take());
     }
 
     pub fn socket(&self, node: usize) -> PathBuf {

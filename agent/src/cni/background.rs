@@ -113,6 +113,50 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         Ok(released)
     }
 
+    /// Adopts the pods an agent without this book wired (an upgrade, a
+    /// lost state directory): the server's bound rows of the node whose
+    /// host veth exists become bindings, so their addresses are never
+    /// granted again while the pods run.
+    pub async fn adopt(&self) -> anyhow::Result<usize> {
+        let epoch = self.reserve.book().epoch;
+        let resp = self
+            .ipam
+            .reserve(pb::ReserveRequest {
+                node_name: self.node.clone(),
+                epoch,
+                count: 0,
+                adopt: true,
+            })
+            .await?;
+        let veths: HashSet<String> = self.pods.host_veths().await?.into_iter().collect();
+        let mut adopted = 0;
+        for a in resp.bound {
+            if !veths.contains(&host_ifname(&a.container_id, &a.ifname)) {
+                continue;
+            }
+            let Some(ip) = a.address.split('/').next().and_then(|ip| ip.parse().ok()) else {
+                continue;
+            };
+            let pod = crate::reserve::book::Pod {
+                namespace: a.pod_namespace.clone(),
+                name: a.pod_name.clone(),
+                uid: a.pod_uid.clone(),
+            };
+            let at_ms = a
+                .bound_at
+                .as_ref()
+                .map(|t| t.seconds.saturating_mul(1000))
+                .unwrap_or_else(now_ms);
+            if self
+                .reserve
+                .adopt(&(a.container_id.clone(), a.ifname.clone()), ip, &pod, at_ms)?
+            {
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
+    }
+
     /// One reconcile pass: bindings missing from the kernel for longer
     /// than `grace` (seen missing on an earlier pass, no CNI call in
     /// flight) are released.

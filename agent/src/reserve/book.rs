@@ -247,6 +247,25 @@ impl Book {
         ))
     }
 
+    /// The record that adopts a binding made before this book existed (an
+    /// older agent wired the pod): `None` if the attachment or the address
+    /// is already in the book.
+    pub fn adopt(&self, key: &Key, address: Ipv4Addr, pod: &Pod, at_ms: i64) -> Option<Record> {
+        if self.bound.contains_key(key) || self.known().contains(&address) || self.epoch == 0 {
+            return None;
+        }
+        Some(Record::Bind(Event {
+            rseq: self.rseq + 1,
+            kind: EventKind::Bind,
+            container_id: key.0.clone(),
+            ifname: key.1.clone(),
+            address,
+            pod: pod.clone(),
+            at_ms,
+            offline: false,
+        }))
+    }
+
     /// The record that releases `key`'s address, if it has one.
     pub fn release(&self, key: &Key, now_ms: i64, offline: bool) -> Option<Record> {
         let b = self.bound.get(key)?;

@@ -109,6 +109,24 @@ impl Reserve {
         Ok(Ok(Bind { address, fresh }))
     }
 
+    /// Adopts a binding an older agent made; true if it was new.
+    pub fn adopt(
+        &self,
+        key: &Key,
+        address: Ipv4Addr,
+        pod: &Pod,
+        at_ms: i64,
+    ) -> Result<bool, StateError> {
+        let mut inner = self.lock();
+        let Some(record) = inner.book.adopt(key, address, pod, at_ms) else {
+            return Ok(false);
+        };
+        Self::commit(&mut inner, &record, true)?;
+        drop(inner);
+        self.changed.notify_one();
+        Ok(true)
+    }
+
     /// Releases the attachment's address, durably; `None` if it had none.
     pub fn release(&self, key: &Key, offline: bool) -> Result<Option<Ipv4Addr>, StateError> {
         let mut inner = self.lock();
