@@ -152,6 +152,35 @@ async fn a_node_certificate_acts_only_for_its_own_node(pool: PgPool) {
         .await,
         "Lookup B",
     );
+    // The reserve calls (issue 14): A can neither take addresses of B's
+    // block, nor record binds for B, nor rewrite B's rows by a sync.
+    denied(
+        ipam.reserve(pb::ReserveRequest {
+            node_name: "node-b".into(),
+            epoch: 0,
+            count: 4,
+            adopt: true,
+        })
+        .await,
+        "Reserve in B's block",
+    );
+    denied(
+        ipam.report(pb::ReportRequest {
+            node_name: "node-b".into(),
+            epoch: 0,
+            events: vec![],
+        })
+        .await,
+        "Report for B",
+    );
+    denied(
+        ipam.sync(pb::SyncRequest {
+            node_name: "node-b".into(),
+            ..Default::default()
+        })
+        .await,
+        "Sync B",
+    );
     // B's state is untouched, every refusal is audited with A's identity.
     let left: Vec<String> = sqlx::query_scalar("SELECT container_id FROM allocations")
         .fetch_all(&pool)
@@ -177,7 +206,10 @@ async fn a_node_certificate_acts_only_for_its_own_node(pool: PgPool) {
             "Allocate",
             "Release",
             "Gc",
-            "Lookup"
+            "Lookup",
+            "Reserve",
+            "Report",
+            "Sync"
         ]
     );
     assert!(
