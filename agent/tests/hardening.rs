@@ -420,3 +420,49 @@ fn an_agent_that_lost_its_state_directory_adopts_the_pods_that_are_wired() {
         &["ctr-p"],
     );
 }
+
+#[test]
+fn an_agent_cut_off_from_every_server_stops_binding_when_its_lease_runs_out() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    // A 3 s lease (the server caps it at half its block quarantine), so
+    // a node deleted while its agent is cut off stops binding long before
+    // its block can reach another node.
+    c.spawn_agent_with_env(0, &[("WEFT_RESERVE_LEASE", "3")]);
+    wait_until("agent ready", Duration::from_secs(20), || {
+        c.agent_log(0).contains("node ready")
+    });
+    c.sql_settles(
+        "SELECT count(*) > 0 FROM allocations WHERE state = 'reserved'",
+        &["t"],
+    );
+    c.stop_server();
+    let (ip, _) = add(&mut c, 0, "p");
+    std::thread::sleep(Duration::from_secs(4));
+    let ns = c.pod_netns("late");
+    let late = c.cni(0, "ADD", "ctr-late", &ns, "late", &c.net_conf(0, "1.0.0"));
+    assert_eq!(late.stdout["code"], 11, "{late:?}");
+    assert!(
+        late.stdout["msg"].as_str().unwrap().contains("lease"),
+        "{late:?}"
+    );
+    // What is wired keeps its address: a retried ADD still answers, DEL works.
+    let p_ns = format!("/var/run/netns/{}", c.pod_ns_name("p"));
+    let again = c.cni(0, "ADD", "ctr-p", &p_ns, "p", &c.net_conf(0, "1.0.0"));
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(
+        again.stdout["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{ip}/"))
+    );
+    // The server back, the lease runs again.
+    c.start_server();
+    wait_until("ADD to work again", Duration::from_secs(30), || {
+        c.cni(0, "ADD", "ctr-late", &ns, "late", &c.net_conf(0, "1.0.0"))
+            .code
+            == 0
+    });
+}

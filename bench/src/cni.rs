@@ -210,7 +210,7 @@ pub fn bench(env: &Env, report: &mut Report, pods: usize, burst: usize) -> anyho
         let tag = format!("wb{concurrency}");
         let weft = {
             let c = Cluster::start(env, &format!("{tag}w"), 1, 24)?;
-            drive(
+            let run = drive(
                 env,
                 &c.nodes[0].0,
                 &env.shim,
@@ -219,7 +219,28 @@ pub fn bench(env: &Env, report: &mut Report, pods: usize, burst: usize) -> anyho
                 &format!("{tag}wp"),
                 pods,
                 concurrency,
-            )?
+            )?;
+            if concurrency == 1 {
+                // How long after the node bound it each address reached
+                // PostgreSQL (same clock: one machine).
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let lags = c.sql(
+                    "SELECT 1000 * extract(epoch FROM recorded_at - at) FROM audit_log
+                     WHERE action = 'bind'",
+                )?;
+                let lags: Vec<f64> = lags.lines().filter_map(|l| l.trim().parse().ok()).collect();
+                let lag = Latency::of(&lags);
+                for (q, v) in [("p50", lag.p50), ("max", lag.max)] {
+                    report.push(Figure {
+                        name: format!("bind reaches PostgreSQL after, online, {q}"),
+                        unit: "ms",
+                        weft: v,
+                        anchor: None,
+                        target: Some(Target::AtMost(100.0)),
+                    });
+                }
+            }
+            run
         };
         let anchor = {
             let node = Netns::new(&format!("{tag}r-node"))?;
