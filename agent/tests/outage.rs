@@ -7,47 +7,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    time::Duration,
-};
+use std::time::Duration;
 
 use weft_testbed::cluster::*;
 
 const NODES: usize = 3;
-
-struct Pods {
-    /// container id → (node, pod name, address)
-    live: BTreeMap<String, (usize, String, String)>,
-    /// Every address ever wired, to check none is wired twice at once.
-    released_during_outage: usize,
-}
-
-impl Pods {
-    fn add(&mut self, c: &mut Cluster, node: usize, name: &str) {
-        let (ip, _) = c.add_pod(node, name);
-        let cid = format!("ctr-{name}");
-        let live: HashSet<&str> = self.live.values().map(|(_, _, ip)| ip.as_str()).collect();
-        assert!(!live.contains(ip.as_str()), "{ip} is wired twice ({cid})");
-        self.live.insert(cid, (node, name.to_owned(), ip));
-    }
-
-    fn del(&mut self, c: &mut Cluster, cid: &str) {
-        let (node, name, _) = self.live.remove(cid).unwrap();
-        let ns = format!("/var/run/netns/{}", c.pod_ns_name(&name));
-        let out = c.cni(node, "DEL", cid, &ns, &name, &c.net_conf(node, "1.0.0"));
-        assert_eq!(out.code, 0, "{out:?}");
-        c.delete_pod_netns(&name);
-    }
-
-    fn on(&self, node: usize) -> Vec<(String, String)> {
-        self.live
-            .iter()
-            .filter(|(_, (n, _, _))| *n == node)
-            .map(|(cid, (_, name, ip))| (cid.clone(), format!("{name} {ip}")))
-            .collect()
-    }
-}
 
 fn host_veths(c: &Cluster, node: usize) -> usize {
     in_ns_json(
@@ -74,10 +38,8 @@ fn pods_start_and_stop_with_server_and_postgres_down_and_postgres_converges_afte
         "SELECT count(*) FROM allocations WHERE state = 'reserved'",
         &[&(128 * NODES).to_string()],
     );
-    let mut pods = Pods {
-        live: BTreeMap::new(),
-        released_during_outage: 0,
-    };
+    let mut pods = LivePods::default();
+    let mut released_during_outage = 0;
     for n in 0..NODES {
         pods.add(&mut c, n, &format!("before{n}"));
     }
@@ -104,7 +66,7 @@ fn pods_start_and_stop_with_server_and_postgres_down_and_postgres_converges_afte
     for n in 0..NODES {
         for (cid, _) in pods.on(n).into_iter().take(3) {
             pods.del(&mut c, &cid);
-            pods.released_during_outage += 1;
+            released_during_outage += 1;
         }
     }
 
@@ -128,7 +90,7 @@ fn pods_start_and_stop_with_server_and_postgres_down_and_postgres_converges_afte
     }
     let (cid, _) = pods.on(2)[0].clone();
     pods.del(&mut c, &cid);
-    pods.released_during_outage += 1;
+    released_during_outage += 1;
     for n in 0..NODES {
         assert_eq!(host_veths(&c, n), pods.on(n).len(), "node {n}'s veths");
     }
@@ -167,7 +129,7 @@ fn pods_start_and_stop_with_server_and_postgres_down_and_postgres_converges_afte
     );
     c.sql_settles(
         "SELECT count(*) FROM audit_log WHERE action = 'release' AND offline",
-        &[&pods.released_during_outage.to_string()],
+        &[&released_during_outage.to_string()],
     );
     // No address is held twice, and no reserved row shadows a bound one
     // (the primary key makes the first impossible; this checks the views).
@@ -205,10 +167,7 @@ fn churn_with_agents_server_and_postgres_killed_at_random_leaves_no_duplicate_an
     let mut c = Cluster::on_database(2, pg.url.clone());
     c.start_agent(0);
     c.start_agent(1);
-    let mut pods = Pods {
-        live: BTreeMap::new(),
-        released_during_outage: 0,
-    };
+    let mut pods = LivePods::default();
     let (mut server_up, mut pg_up) = (true, true);
     let mut agent_up = [true, true];
     let mut next = 0;

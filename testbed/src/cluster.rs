@@ -853,3 +853,244 @@ impl Drop for PrivatePostgres {
             .status();
     }
 }
+
+/// A PostgreSQL primary and streaming standby of one test's own
+/// (scripts/pg-ha.sh). Removed on drop.
+#[derive(Debug)]
+pub struct PostgresPair {
+    dir: PathBuf,
+    pub primary_port: u16,
+    pub standby_port: u16,
+}
+
+fn pg_ha_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-ha.sh")
+}
+
+impl PostgresPair {
+    /// `mode`: "sync" (commits wait for the standby) or "async".
+    pub fn start(primary_port: u16, standby_port: u16, mode: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("weft-pgha-{}-{primary_port}", std::process::id()));
+        let _ = Command::new(pg_ha_script()).arg("stop").arg(&dir).status();
+        run(Command::new(pg_ha_script())
+            .arg("start")
+            .arg(&dir)
+            .args([primary_port.to_string(), standby_port.to_string()])
+            .arg(mode));
+        Self {
+            dir,
+            primary_port,
+            standby_port,
+        }
+    }
+
+    pub fn primary_socket(&self) -> PathBuf {
+        self.dir
+            .join("primary/sock")
+            .join(format!(".s.PGSQL.{}", self.primary_port))
+    }
+
+    pub fn standby_socket(&self) -> PathBuf {
+        self.dir
+            .join("standby/sock")
+            .join(format!(".s.PGSQL.{}", self.standby_port))
+    }
+
+    fn ctl(&self, what: &str) {
+        run(Command::new(pg_ha_script()).arg(what).arg(&self.dir));
+    }
+
+    /// An immediate stop: the primary crashes.
+    pub fn kill_primary(&self) {
+        self.ctl("kill-primary");
+    }
+
+    pub fn stop_standby(&self) {
+        self.ctl("stop-standby");
+    }
+
+    pub fn start_standby(&self) {
+        self.ctl("start-standby");
+    }
+
+    pub fn promote(&self) {
+        self.ctl("promote");
+    }
+}
+
+impl Drop for PostgresPair {
+    fn drop(&mut self) {
+        let _ = Command::new(pg_ha_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// One stable database address in front of whichever PostgreSQL is the
+/// primary, as a Kubernetes Service or a VIP gives: a unix-socket TCP-style
+/// forwarder. [`Forwarder::switch`] points it elsewhere and cuts every
+/// open connection, as a moved VIP does.
+#[derive(Debug)]
+pub struct Forwarder {
+    path: PathBuf,
+    target: std::sync::Arc<std::sync::Mutex<PathBuf>>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Forwarder {
+    /// Listens on `dir/.s.PGSQL.port` (so `?host=dir` with `port` reaches
+    /// it) and forwards to `target`.
+    pub fn start(dir: &Path, port: u16, target: &Path) -> Self {
+        use std::{
+            os::unix::net::{UnixListener, UnixStream},
+            sync::{Arc, Mutex, atomic::AtomicBool},
+        };
+        fs::create_dir_all(dir).unwrap();
+        let path = dir.join(format!(".s.PGSQL.{port}"));
+        let _ = fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let target = Arc::new(Mutex::new(target.to_owned()));
+        let open: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, o, s) = (target.clone(), open.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let to = t.lock().unwrap().clone();
+                let Ok(upstream) = UnixStream::connect(&to) else {
+                    continue;
+                };
+                let pipe = |mut from: UnixStream, mut to: UnixStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                {
+                    let mut open = o.lock().unwrap();
+                    open.retain(|c| c.peer_addr().is_ok());
+                    open.push(client.try_clone().unwrap());
+                    open.push(upstream.try_clone().unwrap());
+                }
+                pipe(client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                pipe(upstream, client);
+            }
+        });
+        Self {
+            path,
+            target,
+            open,
+            stop,
+        }
+    }
+
+    /// New connections go to `target`; open ones are cut.
+    pub fn switch(&self, target: &Path) {
+        *self.target.lock().unwrap() = target.to_owned();
+        for c in self.open.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        self.switch(Path::new("/nonexistent"));
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// The pods a test wired, with the checks every churn test makes: no
+/// address on two live pods, DEL succeeding.
+#[derive(Debug, Default)]
+pub struct LivePods {
+    /// container id → (node, pod name, address)
+    pub live: std::collections::BTreeMap<String, (usize, String, String)>,
+}
+
+impl LivePods {
+    pub fn add(&mut self, c: &mut Cluster, node: usize, name: &str) {
+        let (ip, _) = c.add_pod(node, name);
+        let cid = format!("ctr-{name}");
+        assert!(
+            self.live.values().all(|(_, _, other)| *other != ip),
+            "{ip} is wired twice ({cid})"
+        );
+        self.live.insert(cid, (node, name.to_owned(), ip));
+    }
+
+    pub fn del(&mut self, c: &mut Cluster, cid: &str) {
+        let (node, name, _) = self.live.remove(cid).unwrap();
+        let ns = format!("/var/run/netns/{}", c.pod_ns_name(&name));
+        let out = c.cni(node, "DEL", cid, &ns, &name, &c.net_conf(node, "1.0.0"));
+        assert_eq!(out.code, 0, "{out:?}");
+        c.delete_pod_netns(&name);
+    }
+
+    /// (container id, "name address") of the pods on `node`.
+    pub fn on(&self, node: usize) -> Vec<(String, String)> {
+        self.live
+            .iter()
+            .filter(|(_, (n, _, _))| *n == node)
+            .map(|(cid, (_, name, ip))| (cid.clone(), format!("{name} {ip}")))
+            .collect()
+    }
+
+    /// "node{n} ctr-x address" lines, sorted: what PostgreSQL must hold.
+    pub fn expected_rows(&self) -> Vec<String> {
+        let mut want: Vec<String> = self
+            .live
+            .iter()
+            .map(|(cid, (n, _, ip))| format!("node{} {cid} {ip}", n + 1))
+            .collect();
+        want.sort();
+        want
+    }
+
+    /// Waits until PostgreSQL's bound rows are exactly the live pods.
+    pub fn wait_recorded(&self, c: &Cluster, timeout: Duration) {
+        let want = self.expected_rows();
+        let query = "SELECT node_name || ' ' || container_id || ' ' || host(address)
+                     FROM allocations WHERE state = 'bound' ORDER BY 1";
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let got = c.sql(query);
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL holds {got:?}, the nodes wire {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Cluster {
+    /// grpc.health.v1 status of the server at `ip` ("SERVING", ...).
+    pub fn health(&self, ip: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.control, "grpcurl"])
+            .args(self.grpcurl_auth("admin"))
+            .args([
+                "-d",
+                "{}",
+                &format!("{ip}:7400"),
+                "grpc.health.v1.Health/Check",
+            ])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["status"].as_str().unwrap_or("UNREACHABLE").to_owned()
+    }
+}

@@ -322,11 +322,14 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         Ok(())
     }
 
-    /// Makes PostgreSQL's rows of the node equal to the book. Only with
-    /// nothing pending, so the book's view is complete at its seq.
-    async fn sync(&self, phase: &watch::Sender<NodePhase>) -> Result<bool, Stop> {
+    /// Makes PostgreSQL's rows of the node equal to the book, as of its
+    /// last event. Normally only with nothing pending, so every event got
+    /// its own audit row first; `after_gap` (the server lost recorded
+    /// events, and refuses the pending ones until it has the book) sends it
+    /// with events pending and counts them as recorded once it is taken.
+    async fn sync(&self, phase: &watch::Sender<NodePhase>, after_gap: bool) -> Result<bool, Stop> {
         let book = self.reserve.book();
-        if !book.pending.is_empty() || book.epoch == 0 {
+        if (!after_gap && !book.pending.is_empty()) || book.epoch == 0 {
             return Ok(false);
         }
         let req = pb::SyncRequest {
@@ -354,6 +357,9 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         match self.ipam.sync(req).await {
             Ok(r) => {
                 self.answered();
+                if let Err(e) = self.reserve.ack(book.rseq) {
+                    warn!(error = %e, "cannot journal a sync acknowledgement");
+                }
                 if r.created + r.changed + r.removed > 0 {
                     warn!(
                         created = r.created,
@@ -397,6 +403,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         mut stop: watch::Receiver<bool>,
     ) {
         let mut needs_sync = true;
+        let mut gap = false;
         let mut last_sync = Instant::now();
         let mut last_reconcile = Instant::now();
         let mut missing = HashSet::new();
@@ -410,12 +417,14 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 let round = async {
                     if self.report(&phase).await? {
                         needs_sync = true;
+                        gap = true;
                     }
                     self.refill(&settings, &phase).await?;
                     if (needs_sync || last_sync.elapsed() >= settings.reconcile_every)
-                        && self.sync(&phase).await?
+                        && self.sync(&phase, gap).await?
                     {
                         needs_sync = false;
+                        gap = false;
                         last_sync = Instant::now();
                     }
                     Ok::<(), Stop>(())
