@@ -31,7 +31,7 @@ async fn list_and_get_nodes_show_blocks_and_usage(pool: PgPool) {
                 n.name.as_str(),
                 n.block.as_str(),
                 n.underlay_ip.as_str(),
-                n.allocated,
+                n.used,
                 n.capacity,
             )
         })
@@ -202,16 +202,150 @@ async fn list_allocations_filters_by_node_pod_and_address(pool: PgPool) {
         .is_empty()
     );
 
+    // The filter takes what the output prints (address with prefix).
+    assert_eq!(
+        list(pb::ListAllocationsRequest {
+            address: "10.244.0.2/24".into(),
+            ..Default::default()
+        })
+        .await,
+        ["c1"]
+    );
+    for bad in ["10.244.0.2/99", "node-a"] {
+        let err = ts
+            .admin()
+            .list_allocations(pb::ListAllocationsRequest {
+                address: bad.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+        assert!(err.message().contains("address"));
+    }
+    // An unknown node is NOT_FOUND, as in GetNode, not an empty list.
     let err = ts
         .admin()
         .list_allocations(pb::ListAllocationsRequest {
-            address: "10.244.0.2/24".into(),
+            node_name: "node-x".into(),
             ..Default::default()
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("address"));
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn whois_names_the_pod_node_and_since_or_the_last_release(pool: PgPool) {
+    let ts = start(pool).await;
+    ts.register("node-a", 1).await;
+    let a = ts.allocate("node-a", "c1").await.unwrap();
+    let whois = |address: &str| {
+        let mut admin = ts.admin();
+        let address = address.to_owned();
+        async move { admin.whois(pb::WhoisRequest { address }).await }
+    };
+    // By what ListAllocations prints, or bare.
+    for key in [a.address.as_str(), "10.244.0.2"] {
+        let got = whois(key).await.unwrap().into_inner();
+        assert_eq!(
+            (
+                got.node_name.as_str(),
+                got.pod_namespace.as_str(),
+                got.pod_name.as_str(),
+                got.container_id.as_str(),
+                got.state.as_str()
+            ),
+            ("node-a", "default", "pod-c1", "c1", "bound")
+        );
+        assert!(got.bound_at.is_some());
+    }
+    ts.release("node-a", "c1").await.unwrap();
+    let free = whois("10.244.0.2").await.unwrap_err();
+    assert_eq!(free.code(), Code::NotFound);
+    assert!(
+        free.message().contains("free")
+            && free.message().contains("release")
+            && free.message().contains("c1"),
+        "{free:?}"
+    );
+    let never = whois("10.244.0.77").await.unwrap_err();
+    assert_eq!(never.code(), Code::NotFound);
+    assert!(never.message().contains("never"), "{never:?}");
+    assert_eq!(
+        whois("nope").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn history_by_pod_and_by_node_shows_every_entry_including_refusals(pool: PgPool) {
+    let ts = start(pool).await;
+    ts.register("node-a", 1).await;
+    ts.allocate("node-a", "c1").await.unwrap();
+    ts.release("node-a", "c1").await.unwrap();
+    // The same pod again, under a new sandbox.
+    let mut again = allocate_req("node-a", "c2", "eth0");
+    again.pod_name = "pod-c1".into();
+    ts.ipam().allocate(again).await.unwrap();
+    sqlx::query("INSERT INTO audit_log (action, actor, node_name, detail) VALUES ('denied', 'node/node-b', 'node-a', 'Allocate')")
+        .execute(&ts.pool)
+        .await
+        .unwrap();
+    let history = |req: pb::HistoryRequest| {
+        let mut admin = ts.admin();
+        async move {
+            admin.history(req).await.map(|r| {
+                r.into_inner()
+                    .entries
+                    .into_iter()
+                    .map(|e| format!("{} {}{}", e.action, e.container_id, e.detail))
+                    .collect::<Vec<_>>()
+            })
+        }
+    };
+    assert_eq!(
+        history(pb::HistoryRequest {
+            pod_namespace: "default".into(),
+            pod_name: "pod-c1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        ["allocate c1", "release c1", "allocate c2"]
+    );
+    assert_eq!(
+        history(pb::HistoryRequest {
+            node_name: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        [
+            "node_register ",
+            "allocate c1",
+            "release c1",
+            "allocate c2",
+            "denied Allocate"
+        ]
+    );
+    for bad in [
+        pb::HistoryRequest {
+            pod_name: "pod-c1".into(),
+            ..Default::default()
+        },
+        pb::HistoryRequest {
+            node_name: "node-a".into(),
+            address: "10.244.0.2".into(),
+            ..Default::default()
+        },
+        pb::HistoryRequest::default(),
+    ] {
+        assert_eq!(
+            history(bad).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]

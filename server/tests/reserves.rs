@@ -127,7 +127,7 @@ async fn reserved_addresses_are_audited_and_never_handed_to_anything_else(pool: 
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((node.allocated, node.reserved), (1, 5));
+    assert_eq!((node.used, node.reserved), (1, 5));
     let err = reserve(&ts, "node-a", reg.epoch, 10_000).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }

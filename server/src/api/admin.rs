@@ -7,7 +7,7 @@ use weft_proto::v1::{self as pb, admin_server::Admin};
 
 use super::{
     Services,
-    check::{check, check_ipv4, check_optional, check_text, page_size, status_from},
+    check::{check, check_address, check_ipv4, check_optional, check_text, page_size, status_from},
     convert::{allocation_pb, audit_pb, node_pb},
 };
 use crate::store::{AllocationFilter, HistoryKey};
@@ -81,16 +81,21 @@ impl Admin for Services {
         self.unary("ListAllocations", request, async |caller, req| {
             self.authorize_admin(&caller, false, "ListAllocations")
                 .await?;
+            let node = check_optional::<NodeName>("node_name", &req.node_name)?;
+            // An unknown node is NOT_FOUND here as in GetNode, not an
+            // empty list.
+            if let Some(node) = &node {
+                self.inner.store.get_node(node).await.map_err(status_from)?;
+            }
             let filter = AllocationFilter {
-                node_name: check_optional::<NodeName>("node_name", &req.node_name)?
-                    .map(|n| n.to_string()),
+                node_name: node.map(|n| n.to_string()),
                 pod_namespace: Some(check_text("pod_namespace", &req.pod_namespace)?)
                     .filter(|s| !s.is_empty()),
                 pod_name: Some(check_text("pod_name", &req.pod_name)?).filter(|s| !s.is_empty()),
                 address: if req.address.is_empty() {
                     None
                 } else {
-                    Some(check_ipv4("address", &req.address)?)
+                    Some(check_address("address", &req.address)?)
                 },
                 after: if req.page_token.is_empty() {
                     None
@@ -125,14 +130,34 @@ impl Admin for Services {
     ) -> Result<Response<pb::HistoryResponse>, Status> {
         self.unary("History", request, async |caller, req| {
             self.authorize_admin(&caller, false, "History").await?;
-            let key = match (req.address.is_empty(), req.container_id.is_empty()) {
-                (false, true) => HistoryKey::Address(check_ipv4("address", &req.address)?),
-                (true, false) => HistoryKey::Container(check("container_id", &req.container_id)?),
-                _ => {
+            let pod = !req.pod_namespace.is_empty() || !req.pod_name.is_empty();
+            let keys = [
+                !req.address.is_empty(),
+                !req.container_id.is_empty(),
+                pod,
+                !req.node_name.is_empty(),
+            ];
+            if keys.iter().filter(|k| **k).count() != 1 {
+                return Err(Status::invalid_argument(
+                    "invalid key: set exactly one of address, container_id, pod_namespace + pod_name, node_name",
+                ));
+            }
+            let key = if !req.address.is_empty() {
+                HistoryKey::Address(check_address("address", &req.address)?)
+            } else if !req.container_id.is_empty() {
+                HistoryKey::Container(check("container_id", &req.container_id)?)
+            } else if pod {
+                if req.pod_namespace.is_empty() || req.pod_name.is_empty() {
                     return Err(Status::invalid_argument(
-                        "invalid address/container_id: set exactly one of them",
+                        "invalid pod: set pod_namespace and pod_name together",
                     ));
                 }
+                HistoryKey::Pod {
+                    namespace: check_text("pod_namespace", &req.pod_namespace)?,
+                    name: check_text("pod_name", &req.pod_name)?,
+                }
+            } else {
+                HistoryKey::Node(check::<NodeName>("node_name", &req.node_name)?.to_string())
             };
             let limit = page_size(req.page_size)?;
             let after = if req.page_token.is_empty() {
@@ -196,6 +221,35 @@ impl Admin for Services {
                 blocks_used,
                 blocks_capacity: layout.block_count(),
                 nodes,
+            }))
+        })
+        .await
+    }
+
+    async fn whois(
+        &self,
+        request: Request<pb::WhoisRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        self.unary("Whois", request, async |caller, req| {
+            self.authorize_admin(&caller, false, "Whois").await?;
+            let address = check_address("address", &req.address)?;
+            let store = &self.inner.store;
+            if let Some(a) = store.whois(address).await.map_err(status_from)? {
+                return Ok(Response::new(allocation_pb(a)));
+            }
+            let last = store.last_entry(address).await.map_err(status_from)?;
+            Err(Status::not_found(match last {
+                Some(e) => format!(
+                    "{address} is free; its last entry: {} by {} at {} (node {}{})",
+                    e.action,
+                    e.actor,
+                    e.at.to_rfc3339(),
+                    e.node_name,
+                    e.container_id
+                        .map(|c| format!(", container {c}"))
+                        .unwrap_or_default()
+                ),
+                None => format!("{address} was never allocated"),
             }))
         })
         .await

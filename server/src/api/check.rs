@@ -47,6 +47,25 @@ pub(super) fn check_ipv4(field: &'static str, value: &str) -> Result<Ipv4Addr, S
     })
 }
 
+/// An address as the API prints it: bare ("10.244.3.7") or with the
+/// block's prefix length ("10.244.3.7/24").
+pub(super) fn check_address(field: &'static str, value: &str) -> Result<Ipv4Addr, Status> {
+    let bare = match value.split_once('/') {
+        Some((ip, len)) if len.parse::<u8>().is_ok_and(|l| l <= 32) => ip,
+        Some(_) => {
+            return Err(Status::invalid_argument(format!(
+                "invalid {field}: {value:?} has a bad prefix length"
+            )));
+        }
+        None => value,
+    };
+    bare.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "invalid {field}: {value:?} is not an IPv4 address like 10.244.3.7 or 10.244.3.7/24"
+        ))
+    })
+}
+
 pub(super) fn page_size(requested: u32) -> Result<u32, Status> {
     match requested {
         0 => Ok(DEFAULT_PAGE_SIZE),

@@ -38,7 +38,7 @@ pub(super) fn node_pb(n: NodeRecord) -> pb::Node {
         gateway: n.block.gateway().to_string(),
         registered_at: Some(timestamp(n.registered_at)),
         last_seen: Some(timestamp(n.last_seen)),
-        allocated: n.allocated,
+        used: n.allocated,
         capacity: n.block.capacity(),
         reserved: n.reserved,
     }

@@ -81,26 +81,60 @@ impl Store {
         after_id: i64,
         limit: u32,
     ) -> Result<Vec<AuditRecord>> {
-        let (address, container) = match key {
-            HistoryKey::Address(ip) => (Some(IpAddr::V4(*ip)), None),
-            HistoryKey::Container(id) => (None, Some(id.as_str())),
-        };
-        // Two indexed arms rather than one OR, so each walks its index.
+        let (mut address, mut container, mut pod, mut node) = (None, None, None, None);
+        match key {
+            HistoryKey::Address(ip) => address = Some(IpAddr::V4(*ip)),
+            HistoryKey::Container(id) => container = Some(id.as_str()),
+            HistoryKey::Pod { namespace, name } => pod = Some((namespace.as_str(), name.as_str())),
+            HistoryKey::Node(n) => node = Some(n.as_str()),
+        }
+        // Indexed arms rather than one OR, so each walks its index.
         let rows: Vec<AuditRow> = sqlx::query_as(
             "SELECT * FROM audit_log
              WHERE $1::inet IS NOT NULL AND address = $1 AND id > $3
              UNION ALL
              SELECT * FROM audit_log
              WHERE $2::text IS NOT NULL AND container_id = $2 AND id > $3
+             UNION ALL
+             SELECT * FROM audit_log
+             WHERE $5::text IS NOT NULL AND pod_namespace = $5 AND pod_name = $6 AND id > $3
+             UNION ALL
+             SELECT * FROM audit_log
+             WHERE $7::text IS NOT NULL AND node_name = $7 AND id > $3
              ORDER BY id LIMIT $4",
         )
         .bind(address)
         .bind(container)
         .bind(after_id)
         .bind(i64::from(limit))
+        .bind(pod.map(|p| p.0))
+        .bind(pod.map(|p| p.1))
+        .bind(node)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(audit_from_row).collect()
+    }
+
+    /// Whoever holds `address` now, or `None`.
+    pub async fn whois(&self, address: std::net::Ipv4Addr) -> Result<Option<AllocationRecord>> {
+        let row: Option<AllocationRow> = sqlx::query_as(
+            "SELECT a.*, n.block FROM allocations a JOIN nodes n ON n.name = a.node_name
+             WHERE a.address = $1",
+        )
+        .bind(IpAddr::V4(address))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(allocation_from_row).transpose()
+    }
+
+    /// The newest audit entry of `address`, if any.
+    pub async fn last_entry(&self, address: std::net::Ipv4Addr) -> Result<Option<AuditRecord>> {
+        let row: Option<AuditRow> =
+            sqlx::query_as("SELECT * FROM audit_log WHERE address = $1 ORDER BY id DESC LIMIT 1")
+                .bind(IpAddr::V4(address))
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(audit_from_row).transpose()
     }
 
     /// Bound and reserved addresses per node, for utilization and metrics.

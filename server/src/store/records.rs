@@ -114,6 +114,8 @@ pub struct AllocationFilter {
 pub enum HistoryKey {
     Address(Ipv4Addr),
     Container(ContainerId),
+    Pod { namespace: String, name: String },
+    Node(String),
 }
 
 /// A bind or a release as the node did it (issue 14's reports).
