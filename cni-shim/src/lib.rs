@@ -105,6 +105,34 @@ async fn call(socket: PathBuf, request: ExecRequest) -> Result<ExecResponse, Str
     Ok(response.into_inner())
 }
 
+/// What `weft --help` and `weft --version` print: the plugin is run by a
+/// container runtime, not by hand.
+pub fn run_by_hand(arg: &str, out: &mut impl Write) -> i32 {
+    let (text, code) = match arg {
+        "--version" | "-V" => (format!("weft {}\n", env!("CARGO_PKG_VERSION")), 0),
+        "--help" | "-h" => (usage(), 0),
+        other => (
+            format!("weft: unknown argument {other:?}\n\n{}", usage()),
+            2,
+        ),
+    };
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    code
+}
+
+fn usage() -> String {
+    format!(
+        "weft {}: the Weft CNI plugin.\n\n\
+         Container runtimes run it as CNI plugin type \"weft\": CNI_COMMAND, CNI_CONTAINERID,\n\
+         CNI_NETNS, CNI_IFNAME, CNI_ARGS and CNI_PATH in the environment, the network\n\
+         configuration on stdin. It forwards each request to weft-agent on the node's socket\n\
+         (the configuration's \"agentSocket\", default {DEFAULT_SOCKET}) and prints the answer.\n\
+         VERSION is answered without the agent.\n\n\
+         Usage: weft [--help | --version]\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 /// Runs the plugin: reads stdin, writes the reply to stdout, returns the
 /// exit code.
 pub fn run(env: HashMap<String, String>, stdin: Vec<u8>, out: &mut impl Write) -> i32 {
@@ -160,6 +188,26 @@ fn forward(socket: PathBuf, env: HashMap<String, String>, stdin: &[u8]) -> (Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_by_hand_it_prints_usage_and_version_not_a_cni_error() {
+        let mut out = Vec::new();
+        assert_eq!(run_by_hand("--help", &mut out), 0);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("Usage: weft") && text.contains("CNI_COMMAND"),
+            "{text}"
+        );
+        let mut out = Vec::new();
+        assert_eq!(run_by_hand("--version", &mut out), 0);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("weft {}\n", env!("CARGO_PKG_VERSION"))
+        );
+        let mut out = Vec::new();
+        assert_eq!(run_by_hand("--frobnicate", &mut out), 2);
+        assert!(String::from_utf8(out).unwrap().contains("unknown argument"));
+    }
 
     #[test]
     fn version_is_answered_without_the_agent() {

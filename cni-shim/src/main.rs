@@ -4,6 +4,15 @@
 use std::io::Read;
 
 fn main() {
+    // Run by hand (not by a runtime, which sets CNI_COMMAND and passes no
+    // arguments): say what this is instead of a CNI error.
+    if std::env::var_os("CNI_COMMAND").is_none()
+        && let Some(arg) = std::env::args().nth(1)
+    {
+        let mut out = std::io::stdout().lock();
+        let code = weft_cni::run_by_hand(&arg, &mut out);
+        std::process::exit(code);
+    }
     let env = weft_cni::CNI_ENV
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))

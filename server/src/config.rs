@@ -118,7 +118,14 @@ pub struct Cli {
 
     /// Serve plaintext without authenticating anyone (local development
     /// only; logged as a warning).
-    #[arg(long, env = "WEFT_INSECURE_PLAINTEXT", global = true)]
+    /// (WEFT_INSECURE_PLAINTEXT takes true/false, 1/0, yes/no, on/off.)
+    #[arg(
+        long,
+        env = "WEFT_INSECURE_PLAINTEXT",
+        global = true,
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub insecure_plaintext: bool,
 }
 

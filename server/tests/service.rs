@@ -389,3 +389,32 @@ async fn an_oversized_request_is_rejected_and_the_server_keeps_serving(pool: PgP
     assert_eq!(released.len(), 1, "c1 is not in the valid list");
     ts.allocate("node-a", "c2").await.unwrap();
 }
+
+#[test]
+fn weft_insecure_plaintext_takes_1_and_yes_like_true() {
+    for (value, valid) in [
+        ("1", true),
+        ("yes", true),
+        ("true", true),
+        ("0", false),
+        ("no", false),
+    ] {
+        let out = server_bin()
+            .args([
+                "--check-config",
+                "--database-url",
+                "postgres://weft@db/weft",
+            ])
+            .env("WEFT_INSECURE_PLAINTEXT", value)
+            .env_remove("WEFT_TLS_CERT")
+            .env_remove("WEFT_TLS_KEY")
+            .env_remove("WEFT_TLS_CLIENT_CA")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), valid, "{value}: {log}");
+        if !valid {
+            assert!(log.contains("--insecure-plaintext"), "{value}: {log}");
+        }
+    }
+}
