@@ -164,10 +164,18 @@ pub struct ProbeArgs {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 pub struct CertsArgs {
-    /// Directory to write ca.pem, server.pem, node-NAME.pem, admin-NAME.pem ...
+    #[command(subcommand)]
+    pub add: Option<CertsCommand>,
+    /// Directory to write ca.pem, ca-key.pem, server.pem, node-NAME.pem,
+    /// admin-NAME.pem ... into.
+    #[arg(long, required = true)]
+    pub out: Option<std::path::PathBuf>,
+    /// Replace a CA that is already in --out (every certificate it issued
+    /// stops being trusted).
     #[arg(long)]
-    pub out: std::path::PathBuf,
+    pub force: bool,
     /// Names and addresses the server certificate answers to (comma-separated).
     #[arg(long, value_delimiter = ',', required = true)]
     pub server_san: Vec<String>,
@@ -180,6 +188,29 @@ pub struct CertsArgs {
     /// Read-only certificates to issue.
     #[arg(long, value_delimiter = ',')]
     pub viewers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum CertsCommand {
+    /// Issue more certificates from the CA already in --out (ca.pem and
+    /// ca-key.pem), e.g. for a node that joins later.
+    Add(CertsAddArgs),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct CertsAddArgs {
+    /// Directory holding ca.pem and ca-key.pem; the new files go there.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Node certificates to issue (comma-separated node names).
+    #[arg(long, value_delimiter = ',')]
+    pub node: Vec<String>,
+    /// Admin certificates to issue.
+    #[arg(long, value_delimiter = ',')]
+    pub admin: Vec<String>,
+    /// Read-only certificates to issue.
+    #[arg(long, value_delimiter = ',')]
+    pub viewer: Vec<String>,
 }
 
 pub use weft_plumbing::{ConfigErrors, LogFormat};

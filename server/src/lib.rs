@@ -281,13 +281,22 @@ async fn wait_for(mut stopped: signal_watch::Receiver<bool>) {
 pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     if let Some(Command::Certs(args)) = &cli.command {
         // Needs neither a database nor TLS flags.
-        pki::write_cluster(
-            &args.out,
-            &args.server_san,
-            &args.nodes,
-            &args.admins,
-            &args.viewers,
-        )?;
+        match (&args.add, &args.out) {
+            (Some(config::CertsCommand::Add(add)), _) => {
+                pki::add_certificates(&add.out, &add.node, &add.admin, &add.viewer)?;
+            }
+            (None, Some(out)) => {
+                pki::write_cluster(
+                    out,
+                    &args.server_san,
+                    &args.nodes,
+                    &args.admins,
+                    &args.viewers,
+                    args.force,
+                )?;
+            }
+            (None, None) => anyhow::bail!("certs needs --out"),
+        }
         return Ok(());
     }
     if let Some(Command::Probe(args)) = &cli.command {
