@@ -424,8 +424,17 @@ fn a_caller_that_is_not_root_is_refused() {
         let out = child.wait_with_output().unwrap();
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
-    // The file mode stops it first...
-    assert_eq!(as_nobody(&c)["code"], 11);
+    // The file mode stops it first, and the plugin says so (104, not
+    // "agent not running")...
+    let denied = as_nobody(&c);
+    assert_eq!(denied["code"], 104, "{denied}");
+    assert!(
+        denied["msg"]
+            .as_str()
+            .unwrap()
+            .contains("permission denied"),
+        "{denied}"
+    );
     // ...and with the mode loosened, the agent checks the caller itself.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();

@@ -85,19 +85,44 @@ pub fn error_reply(stdin: &[u8], code: u32, msg: &str, details: &str) -> String 
     )
 }
 
-async fn call(socket: PathBuf, request: ExecRequest) -> Result<ExecResponse, String> {
+/// Why the agent could not be asked.
+struct CallError {
+    msg: String,
+    /// The socket refused this caller (file mode): not "agent down".
+    denied: bool,
+}
+
+impl From<String> for CallError {
+    fn from(msg: String) -> Self {
+        Self { msg, denied: false }
+    }
+}
+
+async fn call(socket: PathBuf, request: ExecRequest) -> Result<ExecResponse, CallError> {
+    let denied = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = denied.clone();
     // The URI is required by the API but unused: the connector dials the socket.
     let channel = Endpoint::from_static("http://weft-agent")
         .connect_with_connector(service_fn(move |_: Uri| {
             let socket = socket.clone();
+            let seen = seen.clone();
             async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
+                match tokio::net::UnixStream::connect(socket).await {
+                    Ok(s) => Ok::<_, std::io::Error>(TokioIo::new(s)),
+                    Err(e) => {
+                        if e.kind() == std::io::ErrorKind::PermissionDenied {
+                            seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e)
+                    }
+                }
             }
         }))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| CallError {
+            msg: format!("connect: {e}"),
+            denied: denied.load(std::sync::atomic::Ordering::Relaxed),
+        })?;
     let response = tokio::time::timeout(CALL_TIMEOUT, CniClient::new(channel).exec(request))
         .await
         .map_err(|_| format!("no answer within {CALL_TIMEOUT:?}"))?
@@ -160,14 +185,26 @@ fn forward(socket: PathBuf, env: HashMap<String, String>, stdin: &[u8]) -> (Stri
         .build();
     let result = match runtime {
         Ok(rt) => rt.block_on(call(socket.clone(), request)),
-        Err(e) => Err(format!("starting the runtime: {e}")),
+        Err(e) => Err(CallError::from(format!("starting the runtime: {e}"))),
     };
     match result {
         Ok(reply) => (
             String::from_utf8_lossy(&reply.stdout).into_owned(),
             reply.exit_code,
         ),
-        Err(e) => {
+        Err(CallError { msg, denied: true }) => (
+            error_reply(
+                stdin,
+                104,
+                &format!(
+                    "permission denied on the weft-agent socket {}: the plugin must run as root, as container runtimes run it",
+                    socket.display()
+                ),
+                &msg,
+            ),
+            1,
+        ),
+        Err(CallError { msg: e, .. }) => {
             eprintln!("weft: cannot reach weft-agent at {}: {e}", socket.display());
             (
                 error_reply(

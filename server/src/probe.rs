@@ -29,15 +29,23 @@ pub(crate) async fn probe(args: &config::ProbeArgs) -> anyhow::Result<()> {
                 .domain_name(args.tls_server_name.clone()),
         )?;
     }
+    // The usual mistake is the scheme: a TLS server probed in plaintext
+    // (or the reverse) fails with a protocol error that does not say so.
+    let hint = if args.tls_ca.is_some() {
+        "; if the server runs with --insecure-plaintext, leave out --tls-ca"
+    } else {
+        "; if the server runs with mutual TLS, pass --tls-ca (its CA) and --tls-server-name"
+    };
     let channel = endpoint
         .connect()
         .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
+        .with_context(|| format!("connecting to {}{hint}", args.addr))?;
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),
         })
-        .await?
+        .await
+        .with_context(|| format!("checking the health of {}{hint}", args.addr))?
         .into_inner()
         .status;
     anyhow::ensure!(

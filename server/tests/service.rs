@@ -262,6 +262,31 @@ async fn the_binary_migrates_serves_and_stops_on_sigterm(pool: PgPool) {
         "probe: {}",
         String::from_utf8_lossy(&probe.stderr)
     );
+    // The wrong scheme (TLS against this plaintext server) explains itself.
+    let pki = std::env::temp_dir().join(format!("weft-probe-pki-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pki);
+    let certs = server_bin()
+        .arg("certs")
+        .arg("--out")
+        .arg(&pki)
+        .args(["--server-san", "localhost"])
+        .output()
+        .unwrap();
+    assert!(certs.status.success());
+    let wrong = server_bin()
+        .args([
+            "probe",
+            "--addr",
+            &format!("127.0.0.1:{grpc_port}"),
+            "--tls-ca",
+        ])
+        .arg(pki.join("ca.pem"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&pki);
+    let msg = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success());
+    assert!(msg.contains("--insecure-plaintext"), "{msg}");
     let pid = child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = child.wait().unwrap();

@@ -225,11 +225,12 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         // once instead of waiting out the refill.
         self.reserve.granted.notify_waiters();
         if transient(status) {
+            self.set_away(status);
             // What is pending now waited for the server.
             self.offline_upto
                 .fetch_max(self.reserve.book().rseq, Ordering::Relaxed);
             if self.online() {
-                warn!(what, code = ?status.code(), message = status.message(), "weft-server is not reachable; binding from the reserve and reporting later");
+                warn!(what, code = ?status.code(), message = status.message(), away = self.away(), "binding from the reserve and reporting later");
             }
             self.set_online(false);
         } else {

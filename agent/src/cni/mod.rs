@@ -38,7 +38,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
-use tonic::{Request, Response, Status};
+use tonic::{Code as GrpcCode, Request, Response, Status};
 use tracing::{info, instrument, warn};
 use weft_proto::agent::v1::{ExecRequest, ExecResponse, cni_server::Cni};
 
@@ -95,6 +95,9 @@ pub struct CniService<I = GrpcIpam, P = PodNetwork> {
     reserve: Arc<Reserve>,
     /// Whether the server answered the last background call.
     online: Arc<AtomicBool>,
+    /// The server answers but says PostgreSQL is away (UNAVAILABLE
+    /// "database unavailable"): messages name the database, not the server.
+    database_away: Arc<AtomicBool>,
     /// Events up to this report seq waited for an unreachable server:
     /// they are reported as made offline.
     offline_upto: Arc<AtomicU64>,
@@ -127,6 +130,12 @@ fn failpoint(name: &str) {
     }
 }
 
+/// Whether a failed call says the server's database is away (the server
+/// itself answered).
+fn database_away(status: &tonic::Status) -> bool {
+    status.code() == GrpcCode::Unavailable && status.message().starts_with("database unavailable")
+}
+
 fn state_error(e: crate::state::StateError) -> CniError {
     CniError::new(Code::Io, format!("the node's state directory: {e}"))
 }
@@ -147,6 +156,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         let offline_upto = Arc::new(AtomicU64::new(reserve.book().rseq));
         Self {
             offline_upto,
+            database_away: Arc::default(),
             node,
             phase,
             ipam,
@@ -167,6 +177,21 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
 
     pub(crate) fn set_online(&self, online: bool) {
         self.online.store(online, Ordering::Relaxed);
+    }
+
+    /// What is away, for messages: the database behind the server, or the
+    /// server itself.
+    fn away(&self) -> &'static str {
+        if self.database_away.load(Ordering::Relaxed) {
+            "weft-server cannot reach PostgreSQL"
+        } else {
+            "weft-server is not reachable"
+        }
+    }
+
+    pub(crate) fn set_away(&self, status: &tonic::Status) {
+        self.database_away
+            .store(database_away(status), Ordering::Relaxed);
     }
 
     pub fn reserve(&self) -> &Arc<Reserve> {
@@ -252,12 +277,10 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             }
             let hint = match e {
                 BindError::Exhausted if self.online() => {
-                    "weft-server did not refill it in time; try again later"
+                    "weft-server did not refill it in time; try again later".to_owned()
                 }
-                BindError::Exhausted => {
-                    "weft-server is not reachable to refill it; try again later"
-                }
-                _ => "try again later",
+                BindError::Exhausted => format!("{} to refill it; try again later", self.away()),
+                _ => "try again later".to_owned(),
             };
             return Err(CniError::new(Code::TryAgainLater, format!("{e}; {hint}")));
         }
@@ -488,11 +511,18 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             Ok(_) => Ok(()),
             Err(e) => match self.ipam.heartbeat(&self.node).await {
                 Ok(()) => Ok(()),
-                Err(s) => Err(CniError::new(
-                    Code::NotAvailable,
-                    format!("{e}, and weft-server is not reachable: new pods cannot get addresses"),
-                )
-                .with_details(s.message().to_owned())),
+                Err(s) => {
+                    let away = if database_away(&s) {
+                        "weft-server cannot reach PostgreSQL"
+                    } else {
+                        "weft-server is not reachable"
+                    };
+                    Err(CniError::new(
+                        Code::NotAvailable,
+                        format!("{e}, and {away}: new pods cannot get addresses"),
+                    )
+                    .with_details(s.message().to_owned()))
+                }
             },
         }
     }

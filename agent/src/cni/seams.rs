@@ -203,13 +203,18 @@ pub mod fake {
         /// Events recorded, in order.
         pub recorded: Arc<Mutex<Vec<pb::BindingEvent>>>,
         pub synced: Arc<Mutex<Option<pb::SyncRequest>>>,
+        /// The UNAVAILABLE message while `down` (default: the server is away).
+        pub down_message: Arc<Mutex<Option<String>>>,
     }
 
     impl FakeIpam {
         fn call(&self, line: String) -> Result<(), Status> {
             lock(&self.calls).push(line);
             if *lock(&self.down) {
-                return Err(Status::unavailable("fake server down"));
+                let msg = lock(&self.down_message).clone();
+                return Err(Status::unavailable(
+                    msg.unwrap_or_else(|| "fake server down".into()),
+                ));
             }
             Ok(())
         }

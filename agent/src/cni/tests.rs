@@ -137,6 +137,22 @@ async fn an_exhausted_reserve_with_the_server_down_answers_11_at_once() {
 }
 
 #[tokio::test]
+async fn status_names_postgresql_when_the_server_answers_that_its_database_is_away() {
+    let r = rig_with("status-db", 0);
+    let mut status = env("STATUS", "");
+    status.remove("CNI_CONTAINERID");
+    let conf = br#"{"cniVersion":"1.1.0","name":"weft","type":"weft"}"#;
+    *r.ipam.down.lock().unwrap() = true;
+    let err = r.service.handle(&status, conf).await.unwrap_err();
+    assert_eq!(err.code, Code::NotAvailable);
+    assert!(err.msg.contains("weft-server is not reachable"), "{err:?}");
+    *r.ipam.down_message.lock().unwrap() = Some("database unavailable; retry".into());
+    let err = r.service.handle(&status, conf).await.unwrap_err();
+    assert!(err.msg.contains("cannot reach PostgreSQL"), "{err:?}");
+    assert!(err.msg.contains("reserve is empty"), "{err:?}");
+}
+
+#[tokio::test]
 async fn a_failed_wiring_gives_the_address_back() {
     let r = rig("rollback");
     *r.pods.fail_wire.lock().unwrap() = Some(PodError::new(PodErrorKind::Kernel, "veth refused"));
