@@ -180,7 +180,7 @@ impl Cluster {
         c
     }
 
-    fn pki(&self) -> PathBuf {
+    pub fn pki(&self) -> PathBuf {
         self.dir.join("pki")
     }
 
