@@ -120,6 +120,12 @@ fn an_operator_lists_finds_and_deletes_with_weftctl() {
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("NotFound"));
 
+    // A live node's address is not released behind its agent's back.
+    let live = ctl.run(&["release", &ip]);
+    assert!(!live.status.success());
+    let msg = String::from_utf8_lossy(&live.stderr);
+    assert!(msg.contains("heartbeated"), "{msg}");
+
     // node2 heartbeats: deleting it needs --force.
     let refused = ctl.run(&["delete-node", "node2"]);
     assert!(!refused.status.success());

@@ -76,6 +76,9 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Releases a leaked address (audited). Refused while its node
+    /// heartbeats: a live agent releases what is gone by itself.
+    Release { address: String },
     /// Manage the config file's contexts.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -420,6 +423,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &released.iter().map(allocation_json).collect::<Vec<_>>(),
                 ALLOCATION_COLUMNS,
             );
+        }
+        Cmd::Release { address } => {
+            let a = admin
+                .release(pb::AdminReleaseRequest {
+                    address: address.clone(),
+                })
+                .await
+                .map_err(|s| status(&format!("releasing {address}"), s))?
+                .into_inner();
+            print(out, &[allocation_json(&a)], ALLOCATION_COLUMNS);
         }
         Cmd::Config(_) => {}
     }

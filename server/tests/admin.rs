@@ -568,3 +568,47 @@ async fn list_allocations_pages_through_everything_once(pool: PgPool) {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_admin_release_frees_a_leaked_address_only_when_its_node_is_silent(pool: PgPool) {
+    let ts = start(pool).await;
+    ts.register("node-a", 1).await;
+    ts.allocate("node-a", "c1").await.unwrap();
+    let release = |address: &str| {
+        let mut admin = ts.admin();
+        let address = address.to_owned();
+        async move { admin.release(pb::AdminReleaseRequest { address }).await }
+    };
+    // The node heartbeats: its agent is the authority on what it wires.
+    let alive = release("10.244.0.2/24").await.unwrap_err();
+    assert_eq!(alive.code(), Code::FailedPrecondition);
+    assert!(alive.message().contains("heartbeated"), "{alive:?}");
+    assert_eq!(ts.audit_count("release").await, 0);
+    // The machine is gone (no heartbeat for 10 minutes).
+    sqlx::query("UPDATE nodes SET last_seen = now() - interval '10 minutes'")
+        .execute(&ts.pool)
+        .await
+        .unwrap();
+    let freed = release("10.244.0.2").await.unwrap().into_inner();
+    assert_eq!(
+        (freed.container_id.as_str(), freed.node_name.as_str()),
+        ("c1", "node-a")
+    );
+    let audit: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT action, detail FROM audit_log WHERE address = '10.244.0.2' ORDER BY id",
+    )
+    .fetch_all(&ts.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        audit,
+        [
+            ("allocate".to_owned(), None),
+            ("release".to_owned(), Some("admin".to_owned()))
+        ]
+    );
+    assert_eq!(
+        release("10.244.0.2").await.unwrap_err().code(),
+        Code::NotFound
+    );
+}

@@ -254,4 +254,31 @@ impl Admin for Services {
         })
         .await
     }
+
+    #[instrument(skip_all, fields(address = %request.get_ref().address))]
+    async fn release(
+        &self,
+        request: Request<pb::AdminReleaseRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        self.unary("Release", request, async |caller, req| {
+            let actor = self.authorize_admin(&caller, true, "Release").await?;
+            let address = check_address("address", &req.address)?;
+            let released = self
+                .inner
+                .store
+                .admin_release(address, ADMIN_RELEASE_ALIVE, &actor)
+                .await
+                .map_err(status_from)?;
+            self.inner
+                .metrics
+                .count_release(&released.node_name, "admin", 1);
+            info!(%address, node = %released.node_name, %actor, "address released by an operator");
+            Ok(Response::new(allocation_pb(released)))
+        })
+        .await
+    }
 }
+
+/// A node that heartbeated within this is alive: its agent is the
+/// authority on what it wires (the default heartbeat is 10 s).
+pub const ADMIN_RELEASE_ALIVE: std::time::Duration = std::time::Duration::from_secs(60);

@@ -90,9 +90,10 @@ pub(super) fn status_from(e: StoreError) -> Status {
         StoreError::BlockExhausted { .. } | StoreError::NoFreeBlock { .. } => {
             Status::resource_exhausted(e.to_string())
         }
-        StoreError::AttachmentOnOtherNode { .. } | StoreError::StaleEpoch { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
+        StoreError::NotAllocated(_) => Status::not_found(e.to_string()),
+        StoreError::AttachmentOnOtherNode { .. }
+        | StoreError::StaleEpoch { .. }
+        | StoreError::NodeAlive { .. } => Status::failed_precondition(e.to_string()),
         StoreError::EndpointTaken { .. } => Status::already_exists(e.to_string()),
         StoreError::Conflict => Status::aborted(e.to_string()),
         // A database that restarts, fails over or is out of reach: the

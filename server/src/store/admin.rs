@@ -127,6 +127,63 @@ impl Store {
         row.map(allocation_from_row).transpose()
     }
 
+    /// An operator's release of `address`, refused while its node
+    /// heartbeated within `alive_within`.
+    pub async fn admin_release(
+        &self,
+        address: std::net::Ipv4Addr,
+        alive_within: std::time::Duration,
+        actor: &str,
+    ) -> Result<AllocationRecord> {
+        in_transaction!(self, "admin_release", tx, async {
+            // The node row first (as every node-scoped write), then the
+            // allocation in a statement of its own.
+            let owner: Option<(String, f64)> = sqlx::query_as(
+                "SELECT n.name, extract(epoch FROM now() - n.last_seen)::float8
+                 FROM nodes n WHERE n.name = (SELECT node_name FROM allocations WHERE address = $1)
+                 FOR UPDATE OF n",
+            )
+            .bind(IpAddr::V4(address))
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some((node, silent)) = owner else {
+                return Err(StoreError::NotAllocated(address));
+            };
+            if silent < alive_within.as_secs_f64() {
+                return Err(StoreError::NodeAlive {
+                    node,
+                    address,
+                    seconds: silent as i64,
+                });
+            }
+            let rows: Vec<AllocationRow> = sqlx::query_as(
+                "WITH released AS (
+                    DELETE FROM allocations a USING nodes n
+                    WHERE a.address = $1 AND n.name = a.node_name
+                    RETURNING a.*, n.block
+                 ), audited AS (
+                    INSERT INTO audit_log
+                        (action, actor, node_name, address, container_id, ifname,
+                         pod_namespace, pod_name, pod_uid, detail)
+                    SELECT CASE WHEN state = 'bound' THEN 'release' ELSE 'unreserve' END,
+                           $2, node_name, address, container_id, ifname,
+                           pod_namespace, pod_name, pod_uid, 'admin'
+                    FROM released
+                 )
+                 SELECT * FROM released",
+            )
+            .bind(IpAddr::V4(address))
+            .bind(actor)
+            .fetch_all(&mut **tx)
+            .await?;
+            rows.into_iter()
+                .next()
+                .map(allocation_from_row)
+                .transpose()?
+                .ok_or(StoreError::NotAllocated(address))
+        })
+    }
+
     /// The newest audit entry of `address`, if any.
     pub async fn last_entry(&self, address: std::net::Ipv4Addr) -> Result<Option<AuditRecord>> {
         let row: Option<AuditRow> =

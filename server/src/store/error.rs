@@ -77,6 +77,17 @@ pub enum StoreError {
         epoch: u64,
         current: u64,
     },
+    #[error(
+        "node {node} heartbeated {seconds} s ago: its agent still wires {address} if its pod runs, \
+         and releases it by itself once the pod is gone; delete the node if it is dead"
+    )]
+    NodeAlive {
+        node: String,
+        address: std::net::Ipv4Addr,
+        seconds: i64,
+    },
+    #[error("{0} is not allocated")]
+    NotAllocated(std::net::Ipv4Addr),
     #[error("concurrent updates kept conflicting after {MAX_ATTEMPTS} attempts; retry")]
     Conflict,
     #[error("unexpected data in the database: {0}")]
