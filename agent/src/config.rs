@@ -12,7 +12,8 @@ use clap::Parser;
     about = "Weft's node agent: bridge, VXLAN tunnels, peer sync and pod wiring"
 )]
 pub struct Cli {
-    /// weft-server's gRPC URL, e.g. http://weft-server.weft:7400. Several
+    /// weft-server's gRPC URL, e.g. https://weft-server.weft-system.svc:7400
+    /// (http:// only for a server run with --insecure-plaintext). Several
     /// replicas: a comma-separated list, or a name with several addresses;
     /// calls go to the replicas that answer.
     #[arg(long, env = "WEFT_SERVER")]
@@ -164,7 +165,10 @@ impl Config {
     pub fn from_cli(cli: Cli, hostname: Option<String>) -> Result<Self, ConfigErrors> {
         let mut errors = weft_plumbing::Collect::default();
         let server = errors.take(match cli.server.as_deref() {
-            None => Err("--server/WEFT_SERVER: required (e.g. http://weft-server:7400)".into()),
+            None => Err(
+                "--server/WEFT_SERVER: required (e.g. https://weft-server.weft-system.svc:7400)"
+                    .into(),
+            ),
             Some(list) => list
                 .split(',')
                 .map(str::trim)
@@ -176,7 +180,7 @@ impl Config {
                         })
                         .ok_or_else(|| {
                             format!(
-                                "--server/WEFT_SERVER: {s:?} is not a URL like http://host:7400"
+                                "--server/WEFT_SERVER: {s:?} is not a URL like https://host:7400"
                             )
                         })
                 })

@@ -163,7 +163,10 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             pods,
             locks: Arc::default(),
             reserve,
-            online: Arc::default(),
+            // Until a call fails, the server is taken to answer: a fresh
+            // agent's first ADD waits for the first refill instead of
+            // failing before the background has tried.
+            online: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -171,8 +174,10 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         *self.phase.borrow()
     }
 
+    /// Whether the server answers: not before this run registered, and not
+    /// since a call failed.
     fn online(&self) -> bool {
-        self.online.load(Ordering::Relaxed)
+        matches!(self.phase(), NodePhase::Ready { .. }) && self.online.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_online(&self, online: bool) {
@@ -268,7 +273,13 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 Ok(bound) => return Ok(bound),
                 Err(e) => e,
             };
-            if e == BindError::Exhausted && self.online() && tokio::time::Instant::now() < deadline
+            // Only a registered node refills (before registration nothing
+            // runs that could).
+            let refills = matches!(self.phase(), NodePhase::Ready { .. });
+            if e == BindError::Exhausted
+                && refills
+                && self.online()
+                && tokio::time::Instant::now() < deadline
             {
                 self.reserve.changed.notify_one();
                 if tokio::time::timeout_at(deadline, granted).await.is_ok() {
@@ -276,7 +287,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 }
             }
             let hint = match e {
-                BindError::Exhausted if self.online() => {
+                BindError::Exhausted if refills && self.online() => {
                     "weft-server did not refill it in time; try again later".to_owned()
                 }
                 BindError::Exhausted => format!("{} to refill it; try again later", self.away()),

@@ -110,6 +110,7 @@ fn bound(r: &Rig) -> Vec<String> {
 async fn adds_bind_from_the_reserve_without_asking_the_server() {
     let r = rig("hot-path");
     *r.ipam.down.lock().unwrap() = true;
+    r.service.set_online(false);
     let a = r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
     let b = r.service.handle(&env("ADD", "c2"), CONF).await.unwrap();
     assert_eq!(address_of(&a), "10.244.0.2/24");
@@ -128,6 +129,9 @@ async fn adds_bind_from_the_reserve_without_asking_the_server() {
 async fn an_exhausted_reserve_with_the_server_down_answers_11_at_once() {
     let r = rig_with("exhausted", 1);
     r.service.handle(&env("ADD", "c1"), CONF).await.unwrap();
+    // The background's last call failed: the server is known to be away.
+    *r.ipam.down.lock().unwrap() = true;
+    r.service.set_online(false);
     let started = std::time::Instant::now();
     let err = r.service.handle(&env("ADD", "c2"), CONF).await.unwrap_err();
     assert_eq!(err.code, Code::TryAgainLater);
@@ -319,6 +323,31 @@ async fn the_kernel_check_releases_bindings_whose_veth_is_gone() {
     *r.pods.veths.lock().unwrap() = vec![host_ifname("wired", "eth0")];
     assert_eq!(r.service.check_kernel().await.unwrap(), 1);
     assert_eq!(bound(&r), ["wired 10.244.0.2"]);
+}
+
+#[tokio::test]
+async fn a_fresh_agents_first_add_waits_for_the_first_refill() {
+    let r = rig_with("first-refill", 0);
+    let (stop_tx, stop) = watch::channel(false);
+    // The ADD comes first; the background starts a moment later.
+    let service = r.service.clone();
+    let add = tokio::spawn(async move { service.handle(&env("ADD", "c1"), CONF).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let task = tokio::spawn(r.service.clone().run_background(
+        ReserveSettings {
+            low: 4,
+            high: 8,
+            reconcile_every: Duration::from_secs(3600),
+            grace: Duration::from_secs(3600),
+        },
+        r.phase.clone(),
+        crate::metrics::AgentMetrics::new(),
+        stop,
+    ));
+    let out = add.await.unwrap().unwrap();
+    assert_eq!(address_of(&out), "10.244.0.2/24");
+    stop_tx.send_replace(true);
+    task.await.unwrap();
 }
 
 #[tokio::test]
