@@ -213,6 +213,38 @@ pub struct CertsAddArgs {
     pub viewer: Vec<String>,
 }
 
+impl Cli {
+    /// The command line as clap sees it, with the serving flags (global,
+    /// so `serve --listen ...` and `migrate --database-url ...` work)
+    /// hidden from the help of `certs` and `probe`, which use none of them.
+    pub fn command_for_help() -> clap::Command {
+        use clap::CommandFactory;
+        let cmd = Self::command();
+        // Hidden copies of the globals in those subcommands: clap then
+        // propagates nothing visible there, and still accepts them.
+        let globals: Vec<clap::Arg> = cmd
+            .get_arguments()
+            .filter(|a| a.is_global_set())
+            .cloned()
+            .collect();
+        let hide = |mut c: clap::Command| {
+            for a in &globals {
+                c = c.arg(a.clone().hide(true));
+            }
+            c
+        };
+        cmd.mut_subcommand("probe", hide)
+            .mut_subcommand("certs", |c| hide(c).mut_subcommand("add", hide))
+    }
+
+    /// Parses the process's arguments (exits on --help or a bad flag).
+    pub fn parse_args() -> Self {
+        use clap::FromArgMatches;
+        let matches = Self::command_for_help().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
 pub use weft_plumbing::{ConfigErrors, LogFormat};
 
 /// Validated settings.

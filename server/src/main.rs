@@ -1,8 +1,6 @@
 //! The weft-server binary: parses flags and runs the server (see the library).
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    weft_server::run(weft_server::config::Cli::parse()).await
+    weft_server::run(weft_server::config::Cli::parse_args()).await
 }

@@ -333,6 +333,31 @@ fn help_documents_every_flag() {
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
+    // certs and probe list only their own flags; serve and migrate the
+    // serving ones.
+    let help_of = |args: &[&str]| {
+        let out = server_bin().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (args, own) in [
+        (&["certs", "--help"][..], "--server-san"),
+        (&["certs", "add", "--help"][..], "--node"),
+        (&["probe", "--help"][..], "--addr"),
+    ] {
+        let help = help_of(args);
+        assert!(help.contains(own), "{args:?}: {help}");
+        for foreign in [
+            "--database-url",
+            "--listen",
+            "--cluster-cidr",
+            "--tls-client-ca",
+        ] {
+            assert!(!help.contains(foreign), "{args:?} lists {foreign}: {help}");
+        }
+    }
+    let serve = help_of(&["serve", "--help"]);
+    assert!(serve.contains("--database-url") && serve.contains("--listen"));
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
