@@ -40,6 +40,22 @@ pub struct NodeAssignment {
     pub reserve_lease_seconds: u32,
 }
 
+/// The assignment a saved node file describes, if it is complete (files
+/// written before reserves lack the gateway, VNI and cluster CIDR). The
+/// saved pod MTU becomes the hint, so the rebuilt datapath has the MTU the
+/// pods were wired with.
+pub fn saved_assignment(saved: &crate::state::SavedNode) -> Option<NodeAssignment> {
+    Some(NodeAssignment {
+        block: saved.block.parse().ok()?,
+        gateway: saved.gateway.as_deref()?.parse().ok()?,
+        vni: saved.vni?,
+        cluster_cidr: saved.cluster_cidr.as_deref()?.parse().ok()?,
+        mtu_hint: saved.mtu,
+        epoch: 0,
+        reserve_lease_seconds: 0,
+    })
+}
+
 pub async fn find_underlay(config: &Config, dp: &NetlinkDatapath) -> anyhow::Result<Underlay> {
     let mut underlay = match (&config.underlay_interface, config.underlay_ip) {
         (Some(name), ip) => dp.underlay_named(name, ip).await?,

@@ -108,6 +108,23 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
             None
         }
     };
+    // After a reboot (no bridge) with the server away, the last
+    // assignment builds the datapath again so pods can start from the
+    // reserve; on a plain restart the datapath is there and untouched.
+    if let Some(assignment) = saved.as_ref().and_then(bootstrap::saved_assignment) {
+        let pods = cni::pod::PodNetwork::new(dp.handle());
+        if !pods.bridge_exists().await.unwrap_or(true) {
+            match build_datapath(dp.as_ref(), &underlay, mac, &assignment).await {
+                Ok(mtu) => {
+                    info!(block = %assignment.block, mtu, "datapath built from the saved assignment (the node rebooted)")
+                }
+                Err(e) => warn!(
+                    error = format!("{e:#}"),
+                    "cannot build the datapath from the saved assignment"
+                ),
+            }
+        }
+    }
     let reserve = Arc::new(reserve::Reserve::open(state.path())?);
     {
         let book = reserve.book();
@@ -181,6 +198,9 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         node_name: node.clone(),
         block: assignment.block.to_string(),
         mtu,
+        gateway: Some(assignment.gateway.to_string()),
+        vni: Some(assignment.vni),
+        cluster_cidr: Some(assignment.cluster_cidr.to_string()),
     }) {
         warn!(error = %e, "cannot save the node state; CHECK during a later outage skips the MTU");
     }

@@ -31,21 +31,20 @@ pub enum StateError {
     },
 }
 
-/// What the server last assigned to this node.
+/// What the server last assigned to this node: enough to build the
+/// datapath again after a reboot while the server is away.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedNode {
     pub node_name: String,
     pub block: String,
     pub mtu: u32,
-}
-
-/// An attachment whose address the server has not released yet.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct PendingRelease {
-    pub container_id: String,
-    pub ifname: String,
-    /// Seconds since the epoch when the DEL (or failed ADD) happened.
-    pub at: u64,
+    /// Written since per-node reserves; older files lack them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_cidr: Option<String>,
 }
 
 /// The directory and its files.
@@ -143,6 +142,9 @@ mod tests {
             node_name: "node-a".into(),
             block: "10.244.3.0/24".into(),
             mtu: 1450,
+            gateway: Some("10.244.3.1".into()),
+            vni: Some(1),
+            cluster_cidr: Some("10.244.0.0/16".into()),
         };
         dir.save_node(&node).unwrap();
         assert_eq!(dir.load_node().unwrap(), Some(node));

@@ -466,3 +466,45 @@ fn an_agent_cut_off_from_every_server_stops_binding_when_its_lease_runs_out() {
             == 0
     });
 }
+
+#[test]
+fn after_a_reboot_during_an_outage_the_datapath_comes_back_and_pods_start() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(1);
+    c.start_agent(0);
+    let (old, _) = add(&mut c, 0, "p");
+    c.sql_settles(
+        "SELECT container_id FROM allocations WHERE state = 'bound'",
+        &["ctr-p"],
+    );
+    c.stop_server();
+    // The machine reboots: the agent dies, the kernel forgets the bridge,
+    // the tunnel and the pods; the state directory is on disk.
+    kill_agent(&mut c, 0);
+    for link in ["weft0", "weft.vxlan"] {
+        in_ns(&c.nodes[0], &["ip", "link", "del", link]);
+    }
+    c.delete_pod_netns("p");
+    c.spawn_agent(0);
+    wait_until("the CNI socket", Duration::from_secs(10), || {
+        c.agent_log(0).contains("serving CNI requests")
+    });
+    assert!(
+        c.agent_log(0)
+            .contains("datapath built from the saved assignment"),
+        "{}",
+        c.agent_log(0)
+    );
+    // A new pod starts with the server still down and reaches its gateway.
+    let (new, _) = add(&mut c, 0, "q");
+    assert_ne!(new, old);
+    assert!(c.pod_ping("q", "10.244.0.1"), "the rebuilt bridge answers");
+    // The server returns: PostgreSQL holds the new pod, not the dead one.
+    c.start_server();
+    c.sql_settles(
+        "SELECT container_id FROM allocations WHERE state = 'bound'",
+        &["ctr-q"],
+    );
+}
