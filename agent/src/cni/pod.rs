@@ -395,11 +395,10 @@ impl PodNetwork {
         Ok(Some(bridge.is_some() && link_controller(&link) == bridge))
     }
 
-    /// Host-side veths Weft made (by name) that are on the bridge.
+    /// Host-side veths Weft made (by name), on the bridge or not: a veth
+    /// that lost its bridge (weft0 deleted by hand) still carries its pod's
+    /// address, so the reserve must not count it gone.
     pub async fn host_veths(&self) -> Result<Vec<String>, PodError> {
-        let Some(bridge) = link_by_name(&self.handle, BRIDGE_NAME).await? else {
-            return Ok(Vec::new());
-        };
         let links: Vec<LinkMessage> = self
             .handle
             .link()
@@ -410,7 +409,6 @@ impl PodNetwork {
             .map_err(datapath_err("listing links"))?;
         Ok(links
             .iter()
-            .filter(|l| link_controller(l) == Some(bridge.header.index))
             .filter_map(|l| {
                 l.attributes.iter().find_map(|a| match a {
                     LinkAttribute::IfName(n) if n.starts_with("weft") && n.len() == 15 => {
