@@ -11,21 +11,10 @@
 #   scripts/pg-ha.sh stop DIR            stops both and removes DIR
 # Unix sockets only (listen_addresses=''), never the system service.
 set -euo pipefail
+# shellcheck source=scripts/pg-lib.sh
+. "$(dirname "$0")/pg-lib.sh"
 
-pg_bin() {
-    local d
-    for d in /usr/lib/postgresql/*/bin; do
-        [ -x "$d/initdb" ] && { echo "$d"; return; }
-    done
-    return 1
-}
-
-if ! pg_bin >/dev/null; then
-    echo "installing PostgreSQL (apt)..." >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq postgresql >&2
-fi
+ensure_installed
 bin=$(pg_bin)
 as_pg() { runuser -u postgres -- "$@"; }
 
@@ -57,8 +46,7 @@ start)
     # The promoted standby has no standby of its own: it must not wait for one.
     echo "-p $sport -k $dir/standby/sock $common" >"$dir/standby/opts"
     ctl_start primary
-    as_pg psql -q -v ON_ERROR_STOP=1 -h "$dir/primary/sock" -p "$pport" -U postgres -d postgres \
-        -c "CREATE ROLE weft_server NOLOGIN" -c "CREATE ROLE weft LOGIN IN ROLE weft_server" >&2
+    create_roles "$dir/primary/sock" "$pport"
     as_pg "$bin/pg_basebackup" -D "$dir/standby/data" -R -X stream \
         -d "host=$dir/primary/sock port=$pport user=postgres application_name=standby" >&2
     ctl_start standby

@@ -8,22 +8,8 @@
 #   scripts/pg.sh resume DIR         starts a halted cluster again
 set -euo pipefail
 
-pg_bin() {
-    local d
-    for d in /usr/lib/postgresql/*/bin; do
-        [ -x "$d/initdb" ] && { echo "$d"; return; }
-    done
-    return 1
-}
-
-ensure_installed() {
-    if ! pg_bin >/dev/null; then
-        echo "installing PostgreSQL (apt)..." >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq >&2
-        apt-get install -y -qq postgresql >&2
-    fi
-}
+# shellcheck source=scripts/pg-lib.sh
+. "$(dirname "$0")/pg-lib.sh"
 
 cmd=${1:?usage: pg.sh start|stop DIR [PORT]}
 dir=${2:?usage: pg.sh start|stop DIR [PORT]}
@@ -45,8 +31,7 @@ start)
     # The two-role set-up (docs/security.md): postgres owns the schema and
     # migrates; weft-server serves as `weft`, which may only read and
     # append to the audit log.
-    runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -h "$dir/sock" -p "$port" -U postgres -d postgres \
-        -c "CREATE ROLE weft_server NOLOGIN" -c "CREATE ROLE weft LOGIN IN ROLE weft_server" >&2
+    create_roles "$dir/sock" "$port"
     echo "postgres://postgres@localhost:$port/postgres?host=$dir/sock"
     ;;
 stop)

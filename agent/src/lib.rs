@@ -167,7 +167,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     let lease = config.reserve_lease.min(Duration::from_secs(u64::from(
         assignment.reserve_lease_seconds,
     )));
-    let fresh_book = reserve.book().epoch == 0;
+    let fresh_book = reserve.epoch() == 0;
     let new_epoch = reserve.registered(
         assignment.epoch,
         assignment.block,

@@ -94,9 +94,15 @@ fn failover(mode: &str, ports: (u16, u16, u16)) {
     // The agents' reports and syncs bring PostgreSQL to exactly the pods
     // that are wired, with the addresses they have.
     pods.wait_recorded(&c, Duration::from_secs(60));
+    // Every row lies in its own node's block, and every node's reserve
+    // is back in PostgreSQL (the agents' books were synced in full).
     assert_eq!(
-        c.sql("SELECT count(*) FROM (SELECT address FROM allocations GROUP BY address HAVING count(*) > 1) d"),
+        c.sql("SELECT count(*) FROM allocations a JOIN nodes n ON n.name = a.node_name WHERE NOT a.address << n.block"),
         ["0"]
+    );
+    assert_eq!(
+        c.sql("SELECT bool_and(n > 0)::text FROM (SELECT count(*) n FROM allocations WHERE state = 'reserved' GROUP BY node_name) r"),
+        ["true"]
     );
     let repaired =
         c.sql("SELECT count(*) FROM audit_log WHERE detail = 'repair' AND action = 'bind'");

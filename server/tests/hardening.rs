@@ -89,6 +89,45 @@ async fn allocate_queued_behind_a_release_answers_from_the_table(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
+async fn a_reserve_queued_behind_a_writer_of_the_node_never_grants_what_it_wrote(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    let reg = ts.register("node-a", 1).await;
+    // A second connection does what Report/Sync/Allocate do: holds the node
+    // row and records addresses, then commits while a Reserve for the same
+    // node waits on the row.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM nodes WHERE name = 'node-a' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO allocations (address, node_name, container_id, ifname)
+         VALUES ('10.244.0.2', 'node-a', 'c1', 'eth0'), ('10.244.0.3', 'node-a', 'c2', 'eth0')",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let mut ipam = ts.ipam();
+    let call = tokio::spawn(async move {
+        ipam.reserve(pb::ReserveRequest {
+            node_name: "node-a".into(),
+            epoch: reg.epoch,
+            count: 4,
+            adopt: false,
+        })
+        .await
+    });
+    wait_for_lock_waiter(&pool).await;
+    holder.commit().await.unwrap();
+    let granted = call.await.unwrap().unwrap().into_inner().addresses;
+    assert_eq!(
+        granted,
+        ["10.244.0.4", "10.244.0.5", "10.244.0.6", "10.244.0.7"],
+        "the reserve saw the rows committed while it waited"
+    );
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
 async fn a_node_cannot_claim_another_nodes_vtep_mac_or_underlay(pool: PgPool) {
     let ts = start(pool.clone()).await;
     ts.register("node-a", 1).await;

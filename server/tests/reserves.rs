@@ -229,6 +229,17 @@ async fn a_gap_in_the_sequence_applies_nothing_and_asks_for_a_sync(pool: PgPool)
         .unwrap();
     assert_eq!((r.applied_seq, r.resync), (1, true));
     assert_eq!(ts.audit_count("bind").await, 1, "nothing applied");
+    // A gap in the middle of a batch applies nothing of it either.
+    let r = report(
+        &ts,
+        "node-a",
+        reg.epoch,
+        vec![bind(2, "c2", "10.244.0.3"), bind(4, "c4", "10.244.0.5")],
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.applied_seq, r.resync), (1, true));
+    assert_eq!(ts.audit_count("bind").await, 1, "not even the first half");
     // The agent syncs its whole book: c1 was released, c3 and c4 bound.
     let sync = ts
         .ipam()

@@ -118,7 +118,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
     /// host veth exists become bindings, so their addresses are never
     /// granted again while the pods run.
     pub async fn adopt(&self) -> anyhow::Result<usize> {
-        let epoch = self.reserve.book().epoch;
+        let epoch = self.reserve.epoch();
         let resp = self
             .ipam
             .reserve(pb::ReserveRequest {
@@ -291,7 +291,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         let Some(count) = self.reserve.refill(s.low, s.high) else {
             return Ok(());
         };
-        let epoch = self.reserve.book().epoch;
+        let epoch = self.reserve.epoch();
         let resp = self
             .ipam
             .reserve(pb::ReserveRequest {
@@ -340,17 +340,19 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             bound: book
                 .bound
                 .iter()
-                .map(|((cid, ifname), b)| pb::BindingEvent {
-                    seq: 0,
-                    kind: Kind::Bind as i32,
-                    address: b.address.to_string(),
-                    container_id: cid.clone(),
-                    ifname: ifname.clone(),
-                    pod_namespace: b.pod.namespace.clone(),
-                    pod_name: b.pod.name.clone(),
-                    pod_uid: b.pod.uid.clone(),
-                    at: Some(timestamp(b.at_ms)),
-                    offline: b.offline,
+                .map(|((cid, ifname), b)| {
+                    // A binding is sent as the bind that made it (seq unused).
+                    let bind = Event {
+                        rseq: 0,
+                        kind: EventKind::Bind,
+                        container_id: cid.clone(),
+                        ifname: ifname.clone(),
+                        address: b.address,
+                        pod: b.pod.clone(),
+                        at_ms: b.at_ms,
+                        offline: b.offline,
+                    };
+                    event_pb(&bind, 0)
                 })
                 .collect(),
             reserved: book.free.iter().map(ToString::to_string).collect(),

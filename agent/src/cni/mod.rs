@@ -130,6 +130,14 @@ fn failpoint(name: &str) {
     }
 }
 
+fn away_text(database: bool) -> &'static str {
+    if database {
+        "weft-server cannot reach PostgreSQL"
+    } else {
+        "weft-server is not reachable"
+    }
+}
+
 /// Whether a failed call says the server's database is away (the server
 /// itself answered).
 fn database_away(status: &tonic::Status) -> bool {
@@ -187,11 +195,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
     /// What is away, for messages: the database behind the server, or the
     /// server itself.
     fn away(&self) -> &'static str {
-        if self.database_away.load(Ordering::Relaxed) {
-            "weft-server cannot reach PostgreSQL"
-        } else {
-            "weft-server is not reachable"
-        }
+        away_text(self.database_away.load(Ordering::Relaxed))
     }
 
     pub(crate) fn set_away(&self, status: &tonic::Status) {
@@ -513,28 +517,19 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             ));
         }
         // A reserve at hand serves ADDs whatever the server does.
-        let probe = ("".to_owned(), "".to_owned());
-        match self
-            .reserve
-            .book()
-            .bind(&probe, &Pod::default(), crate::reserve::now_ms(), true)
-        {
-            Ok(_) => Ok(()),
-            Err(e) => match self.ipam.heartbeat(&self.node).await {
-                Ok(()) => Ok(()),
-                Err(s) => {
-                    let away = if database_away(&s) {
-                        "weft-server cannot reach PostgreSQL"
-                    } else {
-                        "weft-server is not reachable"
-                    };
-                    Err(CniError::new(
-                        Code::NotAvailable,
-                        format!("{e}, and {away}: new pods cannot get addresses"),
-                    )
-                    .with_details(s.message().to_owned()))
-                }
-            },
+        let Err(e) = self.reserve.next_free() else {
+            return Ok(());
+        };
+        match self.ipam.heartbeat(&self.node).await {
+            Ok(()) => Ok(()),
+            Err(s) => Err(CniError::new(
+                Code::NotAvailable,
+                format!(
+                    "{e}, and {}: new pods cannot get addresses",
+                    away_text(database_away(&s))
+                ),
+            )
+            .with_details(s.message().to_owned())),
         }
     }
 }

@@ -209,6 +209,49 @@ impl Book {
             .collect()
     }
 
+    /// The next event's record: numbered after the last, in the variant
+    /// its kind names.
+    fn next_event(
+        &self,
+        kind: EventKind,
+        key: &Key,
+        address: Ipv4Addr,
+        pod: &Pod,
+        at_ms: i64,
+        offline: bool,
+    ) -> Record {
+        let e = Event {
+            rseq: self.rseq + 1,
+            kind,
+            container_id: key.0.clone(),
+            ifname: key.1.clone(),
+            address,
+            pod: pod.clone(),
+            at_ms,
+            offline,
+        };
+        match kind {
+            EventKind::Bind => Record::Bind(e),
+            EventKind::Release => Record::Release(e),
+        }
+    }
+
+    /// The address a new attachment would get now, or why none: the one
+    /// rule ADD binds by and STATUS reports.
+    pub fn next_free(&self, now_ms: i64) -> Result<Ipv4Addr, BindError> {
+        if self.epoch == 0 {
+            return Err(BindError::NeverRegistered);
+        }
+        let silent = now_ms - self.last_contact_ms;
+        if silent > self.lease_ms {
+            return Err(BindError::LeaseExpired {
+                silent_s: silent / 1000,
+                lease_s: self.lease_ms / 1000,
+            });
+        }
+        self.free.front().copied().ok_or(BindError::Exhausted)
+    }
+
     /// The record that binds `key` to the next free address, or the
     /// address it already has (`None`: nothing to record).
     pub fn bind(
@@ -221,30 +264,9 @@ impl Book {
         if let Some(b) = self.bound.get(key) {
             return Ok((b.address, None));
         }
-        if self.epoch == 0 {
-            return Err(BindError::NeverRegistered);
-        }
-        let silent = now_ms - self.last_contact_ms;
-        if silent > self.lease_ms {
-            return Err(BindError::LeaseExpired {
-                silent_s: silent / 1000,
-                lease_s: self.lease_ms / 1000,
-            });
-        }
-        let address = *self.free.front().ok_or(BindError::Exhausted)?;
-        Ok((
-            address,
-            Some(Record::Bind(Event {
-                rseq: self.rseq + 1,
-                kind: EventKind::Bind,
-                container_id: key.0.clone(),
-                ifname: key.1.clone(),
-                address,
-                pod: pod.clone(),
-                at_ms: now_ms,
-                offline,
-            })),
-        ))
+        let address = self.next_free(now_ms)?;
+        let record = self.next_event(EventKind::Bind, key, address, pod, now_ms, offline);
+        Ok((address, Some(record)))
     }
 
     /// The record that adopts a binding made before this book existed (an
@@ -254,31 +276,13 @@ impl Book {
         if self.bound.contains_key(key) || self.known().contains(&address) || self.epoch == 0 {
             return None;
         }
-        Some(Record::Bind(Event {
-            rseq: self.rseq + 1,
-            kind: EventKind::Bind,
-            container_id: key.0.clone(),
-            ifname: key.1.clone(),
-            address,
-            pod: pod.clone(),
-            at_ms,
-            offline: false,
-        }))
+        Some(self.next_event(EventKind::Bind, key, address, pod, at_ms, false))
     }
 
     /// The record that releases `key`'s address, if it has one.
     pub fn release(&self, key: &Key, now_ms: i64, offline: bool) -> Option<Record> {
         let b = self.bound.get(key)?;
-        Some(Record::Release(Event {
-            rseq: self.rseq + 1,
-            kind: EventKind::Release,
-            container_id: key.0.clone(),
-            ifname: key.1.clone(),
-            address: b.address,
-            pod: b.pod.clone(),
-            at_ms: now_ms,
-            offline,
-        }))
+        Some(self.next_event(EventKind::Release, key, b.address, &b.pod, now_ms, offline))
     }
 
     /// The record of a grant, leaving out what the book already holds (a
@@ -356,13 +360,15 @@ mod tests {
         }
     }
 
+    fn grant(b: &mut Book, addresses: &[Ipv4Addr]) {
+        let r = b.grant(addresses);
+        apply(b, r);
+    }
+
     #[test]
     fn binds_take_the_reserve_in_order_and_a_retry_keeps_its_address() {
         let mut b = registered(0);
-        {
-            let r = b.grant(&[ip(2), ip(3), ip(4)]);
-            apply(&mut b, r);
-        }
+        grant(&mut b, &[ip(2), ip(3), ip(4)]);
         let (a, r) = b.bind(&key("c1"), &Pod::default(), 10, false).unwrap();
         apply(&mut b, r);
         assert_eq!(a, ip(2));
@@ -389,10 +395,7 @@ mod tests {
     #[test]
     fn a_repeated_grant_never_returns_a_bound_address_to_the_reserve() {
         let mut b = registered(0);
-        {
-            let r = b.grant(&[ip(2), ip(3)]);
-            apply(&mut b, r);
-        }
+        grant(&mut b, &[ip(2), ip(3)]);
         let (_, r) = b.bind(&key("c1"), &Pod::default(), 1, false).unwrap();
         apply(&mut b, r);
         // The server lost the commit and grants .2 again, with .5, and
@@ -421,10 +424,7 @@ mod tests {
             b.bind(&key("c"), &Pod::default(), 2_000, false),
             Err(BindError::Exhausted)
         );
-        {
-            let r = b.grant(&[ip(2)]);
-            apply(&mut b, r);
-        }
+        grant(&mut b, &[ip(2)]);
         assert!(b.bind(&key("c"), &Pod::default(), 61_000, true).is_ok());
         assert!(matches!(
             b.bind(&key("c"), &Pod::default(), 61_001, true),
@@ -439,10 +439,7 @@ mod tests {
     #[test]
     fn a_new_epoch_voids_the_reserve_and_keeps_what_is_wired() {
         let mut b = registered(0);
-        {
-            let r = b.grant(&[ip(2), ip(3)]);
-            apply(&mut b, r);
-        }
+        grant(&mut b, &[ip(2), ip(3)]);
         let (_, r) = b.bind(&key("c1"), &Pod::default(), 1, false).unwrap();
         apply(&mut b, r);
         assert_eq!(
@@ -464,10 +461,7 @@ mod tests {
         b = registered(0);
         assert_eq!(b.refill(16, 48), Some(48));
         let all: Vec<Ipv4Addr> = (2..=17).map(ip).collect();
-        {
-            let r = b.grant(&all);
-            apply(&mut b, r);
-        }
+        grant(&mut b, &all);
         assert_eq!(b.refill(16, 48), None);
         let (_, r) = b.bind(&key("c"), &Pod::default(), 0, false).unwrap();
         apply(&mut b, r);

@@ -220,6 +220,15 @@ impl Reserve {
         self.lock().book.clone()
     }
 
+    pub fn epoch(&self) -> u64 {
+        self.lock().book.epoch
+    }
+
+    /// The address a new attachment would get now, or why none.
+    pub fn next_free(&self) -> Result<Ipv4Addr, BindError> {
+        self.lock().book.next_free(now_ms())
+    }
+
     /// How many to ask the server for, if a refill is due.
     pub fn refill(&self, low: usize, high: usize) -> Option<usize> {
         self.lock().book.refill(low, high)

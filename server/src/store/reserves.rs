@@ -138,17 +138,21 @@ impl Store {
     ) -> Result<ReportOutcome> {
         in_transaction!(self, "report", tx, async {
             let locked = lock_node(tx, node, epoch).await?;
-            let mut seq = locked.report_seq;
-            let fresh: Vec<&NodeEvent> = events.iter().filter(|e| e.seq > seq).collect();
-            if let Some(first) = fresh.first()
-                && first.seq != seq + 1
-            {
-                return Ok(ReportOutcome::Gap { recorded: seq });
+            let recorded = locked.report_seq;
+            let fresh: Vec<&NodeEvent> = events.iter().filter(|e| e.seq > recorded).collect();
+            // The whole batch is checked before anything is written: an
+            // early answer commits, so a gap found half-way would leave the
+            // first half applied with report_seq unmoved (and applied again
+            // when resent).
+            let follows = fresh
+                .iter()
+                .zip(recorded + 1..)
+                .all(|(e, want)| e.seq == want);
+            if !follows {
+                return Ok(ReportOutcome::Gap { recorded });
             }
+            let mut seq = recorded;
             for event in fresh {
-                if event.seq != seq + 1 {
-                    return Ok(ReportOutcome::Gap { recorded: seq });
-                }
                 seq = event.seq;
                 if locked.block.pod_offset(event.address).is_none() {
                     warn!(%node, address = %event.address, block = %locked.block, "reported address is outside the node's block; skipped");
