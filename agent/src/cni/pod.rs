@@ -14,7 +14,6 @@ use std::{
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
-    address::AddressAttribute,
     link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader},
 };
@@ -28,7 +27,7 @@ use super::{
 };
 use crate::{
     datapath::BRIDGE_NAME,
-    datapath::netlink::{ENODEV, errno, link_mtu},
+    datapath::netlink::{ENODEV, address_net, errno, link_mtu},
 };
 
 fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> PodError {
@@ -117,14 +116,7 @@ async fn inspect(handle: Handle, ifname: String) -> Result<PodSide, PodError> {
     let addresses = addrs
         .iter()
         .filter(|m| m.header.index == index)
-        .filter_map(|m| {
-            let ip = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip))
-                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            })?;
-            Ipv4Net::new(ip, m.header.prefix_len).ok()
-        })
+        .filter_map(address_net)
         .collect();
     let routes: Vec<_> = handle
         .route()

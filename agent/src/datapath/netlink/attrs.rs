@@ -1,11 +1,12 @@
 //! Reading rtnetlink messages (names, MTUs, MACs, VXLAN attributes) and
 //! building the route, neighbour and FDB messages Weft writes.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
     AddressFamily,
+    address::{AddressAttribute, AddressMessage},
     link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -29,6 +30,17 @@ pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
         rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
         _ => None,
     }
+}
+
+/// The IPv4 address and prefix an address message carries.
+pub(crate) fn address_net(m: &AddressMessage) -> Option<Ipv4Net> {
+    let ip = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+            Some(*ip)
+        }
+        _ => None,
+    })?;
+    Ipv4Net::new(ip, m.header.prefix_len).ok()
 }
 
 pub(super) fn link_name(link: &LinkMessage) -> Option<&str> {

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
-    address::{AddressAttribute, AddressMessage},
+    address::AddressMessage,
     link::{InfoKind, LinkFlags, LinkMessage},
 };
 use rtnetlink::{LinkBridge, LinkUnspec, LinkVxlan};
@@ -66,15 +66,7 @@ impl NetlinkDatapath {
         Ok(addrs
             .into_iter()
             .filter(|m| m.header.index == index)
-            .filter_map(|m| {
-                let ip = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(IpAddr::V4(ip))
-                    | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                    _ => None,
-                })?;
-                let net = Ipv4Net::new(ip, m.header.prefix_len).ok()?;
-                Some((m, net))
-            })
+            .filter_map(|m| address_net(&m).map(|net| (m, net)))
             .collect())
     }
 
