@@ -160,7 +160,9 @@ impl Cluster {
                     "--metrics-listen",
                     &format!("198.51.100.{}:7402", n + 1),
                     "--log",
-                    "warn,weft_agent=info",
+                    // WEFT_BENCH_AGENT_LOG=debug shows where an ADD's time goes.
+                    &std::env::var("WEFT_BENCH_AGENT_LOG")
+                        .unwrap_or_else(|_| "warn,weft_agent=info".to_owned()),
                 ]),
             &log,
         )?;

@@ -45,6 +45,10 @@ enum Cmd {
         /// PostgreSQL for the benchmarks' databases.
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
+        /// Run only these sections (comma-separated: cni, ipam, propagation,
+        /// kernel, datapath, footprint, plugin); all when absent.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Helper: drive a CNI plugin over pods (runs inside a node namespace).
     #[command(hide = true)]
@@ -86,7 +90,8 @@ async fn main() -> anyhow::Result<()> {
             json,
             shim,
             database_url,
-        } => run(quick, json, shim, database_url).await,
+            only,
+        } => run(quick, json, shim, database_url, &only).await,
     }
 }
 
@@ -95,7 +100,9 @@ async fn run(
     json: PathBuf,
     shim: Option<PathBuf>,
     admin_url: String,
+    only: &[String],
 ) -> anyhow::Result<()> {
+    let wanted = |section: &str| only.is_empty() || only.iter().any(|s| s == section);
     let bin = std::env::current_exe()?
         .parent()
         .context("binary directory")?
@@ -119,19 +126,52 @@ async fn run(
     let start = Instant::now();
     let log = |what: &str| eprintln!("[{:>6.1}s] {what}", start.elapsed().as_secs_f64());
 
-    log("CNI ADD/DEL latency and burst");
-    cni::bench(&env, &mut report, n.0, n.1)?;
-    log("IPAM throughput against pgbench");
-    control::ipam(&env, &mut report, n.2).await?;
-    log("peer propagation and snapshot");
-    control::propagation(&env, &mut report, n.3, n.4).await?;
-    log("agent kernel programming against ip -batch");
-    kernel::bench(&mut report, n.5)?;
-    log("datapath throughput");
-    datapath::bench(&env, &mut report, n.6)?;
-    log("footprint");
-    control::server_footprint(&env, &mut report, n.7, n.8).await?;
-    datapath::agent_footprint(&env, &mut report, n.7)?;
+    if wanted("cni") {
+        log("CNI ADD/DEL latency and burst");
+        cni::bench(&env, &mut report, n.0, n.1)?;
+    }
+    if wanted("ipam") {
+        log("IPAM throughput against pgbench");
+        control::ipam(&env, &mut report, n.2).await?;
+    }
+    if wanted("propagation") {
+        log("peer propagation and snapshot");
+        control::propagation(&env, &mut report, n.3, n.4).await?;
+    }
+    if wanted("kernel") {
+        log("agent kernel programming against ip -batch");
+        kernel::bench(&mut report, n.5)?;
+    }
+    if wanted("datapath") {
+        log("datapath throughput");
+        datapath::bench(&env, &mut report, n.6)?;
+    }
+    if wanted("footprint") {
+        log("footprint");
+        control::server_footprint(&env, &mut report, n.7, n.8).await?;
+        datapath::agent_footprint(&env, &mut report, n.7)?;
+    }
+    if wanted("plugin") {
+        plugin(&env, &mut report)?;
+    }
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", report.table())?;
+    let text = serde_json::to_string_pretty(&report.json(quick))?;
+    if let Some(parent) = json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&json, format!("{text}\n"))?;
+    writeln!(out, "JSON written to {}", json.display())?;
+    // WEFT_BENCH_KEEP=1 keeps the logs of every process for a look after.
+    if std::env::var_os("WEFT_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
+/// The plugin binary's size and what one exec of it costs with no agent.
+fn plugin(env: &cluster::Env, report: &mut report::Report) -> anyhow::Result<()> {
     let shim_size = std::fs::metadata(&env.shim)?.len() as f64 / 1024.0;
     let t = Instant::now();
     let runs = 200;
@@ -153,15 +193,5 @@ async fn run(
         anchor: None,
         target: None,
     });
-
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", report.table())?;
-    let text = serde_json::to_string_pretty(&report.json(quick))?;
-    if let Some(parent) = json.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&json, format!("{text}\n"))?;
-    writeln!(out, "JSON written to {}", json.display())?;
-    let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
