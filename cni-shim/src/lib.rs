@@ -6,9 +6,9 @@
 
 use std::{collections::HashMap, io::Write, path::PathBuf, time::Duration};
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::Uri;
 use tower::service_fn;
 use weft_proto::agent::v1::{ExecRequest, ExecResponse, cni_client::CniClient};
 
@@ -99,31 +99,27 @@ impl From<String> for CallError {
 }
 
 async fn call(socket: PathBuf, request: ExecRequest) -> Result<ExecResponse, CallError> {
-    let denied = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let seen = denied.clone();
-    // The URI is required by the API but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://weft-agent")
-        .connect_with_connector(service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            let seen = seen.clone();
-            async move {
-                match tokio::net::UnixStream::connect(socket).await {
-                    Ok(s) => Ok::<_, std::io::Error>(TokioIo::new(s)),
-                    Err(e) => {
-                        if e.kind() == std::io::ErrorKind::PermissionDenied {
-                            seen.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Err(e)
-                    }
-                }
-            }
-        }))
+    let stream = tokio::net::UnixStream::connect(&socket)
         .await
         .map_err(|e| CallError {
             msg: format!("connect: {e}"),
-            denied: denied.load(std::sync::atomic::Ordering::Relaxed),
+            denied: e.kind() == std::io::ErrorKind::PermissionDenied,
         })?;
-    let response = tokio::time::timeout(CALL_TIMEOUT, CniClient::new(channel).exec(request))
+    // One request on one connection: a bare HTTP/2 connection, none of a
+    // channel's buffering and reconnecting, which a short-lived process
+    // would only pay for.
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(connection);
+    let service = service_fn(move |req: http::Request<tonic::body::Body>| {
+        let mut sender = sender.clone();
+        async move { sender.send_request(req).await }
+    });
+    // The authority is required by HTTP/2 but unused: the socket is the address.
+    let mut client = CniClient::with_origin(service, Uri::from_static("http://weft-agent"));
+    let response = tokio::time::timeout(CALL_TIMEOUT, client.exec(request))
         .await
         .map_err(|_| format!("no answer within {CALL_TIMEOUT:?}"))?
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;

@@ -5,7 +5,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p weft-agent \
- && cargo build --profile release-shim --locked -p weft-cni
+ && cargo rustc --profile release-shim --locked -p weft-cni --bin weft -- -C target-feature=+crt-static
 
 FROM debian:bookworm-slim
 # nft for the masquerade table, conntrack to flush released addresses.
