@@ -76,6 +76,14 @@ fn add_wires_the_pod_and_two_pods_on_a_node_reach_each_other() {
     assert_eq!(host["master"], "weft0");
     assert_eq!(host["linkinfo"]["info_slave_data"]["hairpin"], true);
     assert_eq!(host["mtu"], 1450);
+    assert!(host["flags"].as_array().unwrap().contains(&Value::from("UP")));
+    // The result names the MACs the kernel has (the host one is chosen by
+    // the agent, the pod one by the kernel).
+    assert_eq!(r["interfaces"][0]["mac"], host["address"]);
+    let pod_link = &in_ns_json(&pod, &["ip", "-j", "link", "show", "dev", "eth0"])[0];
+    assert_eq!(r["interfaces"][1]["mac"], pod_link["address"]);
+    let lo = &in_ns_json(&pod, &["ip", "-j", "link", "show", "dev", "lo"])[0];
+    assert!(lo["flags"].as_array().unwrap().contains(&Value::from("UP")));
 
     let b_ip = address_of(&b.stdout).split('/').next().unwrap().to_owned();
     assert!(c.pod_ping("a", &b_ip), "pod a cannot reach pod b at {b_ip}");
@@ -140,6 +148,42 @@ fn a_retried_add_returns_the_same_result() {
     c.sql_settles(
         "SELECT count(*) FROM audit_log WHERE action = 'bind'",
         &["1"],
+    );
+}
+
+#[test]
+fn an_add_over_a_half_made_attachment_replaces_it() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let ns = c.pod_netns("h");
+    // What a crash between making the veth and moving on can leave: the
+    // host end under the attachment's name, off the bridge, no pod side.
+    let host_if = weft_core::names::host_ifname("ctr-h", "eth0");
+    in_ns(
+        &c.nodes[0],
+        &["ip", "link", "add", &host_if, "type", "veth", "peer", "name", "stale0"],
+    );
+    let out = c.cni(0, "ADD", "ctr-h", &ns, "h", &c.net_conf(0, "1.0.0"));
+    assert_eq!(out.code, 0, "{out:?}");
+    let host = &in_ns_json(&c.nodes[0], &["ip", "-j", "link", "show", "dev", &host_if])[0];
+    assert_eq!(host["master"], "weft0");
+    assert_eq!(out.stdout["interfaces"][0]["mac"], host["address"]);
+    let links = in_ns_json(&c.nodes[0], &["ip", "-j", "link", "show"]);
+    assert!(
+        !links.as_array().unwrap().iter().any(|l| l["ifname"] == "stale0"),
+        "the stale peer is still there"
+    );
+    let pod = c.pod_ns_name("h");
+    let eth0 = &in_ns_json(&pod, &["ip", "-j", "-4", "addr", "show", "dev", "eth0"])[0];
+    assert_eq!(
+        format!(
+            "{}/{}",
+            eth0["addr_info"][0]["local"].as_str().unwrap(),
+            eth0["addr_info"][0]["prefixlen"]
+        ),
+        address_of(&out.stdout)
     );
 }
 

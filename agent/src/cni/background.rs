@@ -33,6 +33,13 @@ use crate::{
 /// Events per Report.
 const REPORT_BATCH: usize = 512;
 
+/// How long a new event waits for others before it is reported. Pods start
+/// in runs (a node booting, a rollout): one Report per window carries the
+/// run, instead of one round trip and one PostgreSQL commit per pod
+/// competing for the CPU with the ADDs still coming. Well inside the
+/// 100 ms a binding may take to reach PostgreSQL.
+const REPORT_WINDOW: Duration = Duration::from_millis(20);
+
 /// The reserve's knobs (agent flags, docs/agent.md).
 #[derive(Debug, Clone)]
 pub struct ReserveSettings {
@@ -462,7 +469,15 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             };
             tokio::select! {
                 () = crate::sync::stopped(&mut stop) => return,
-                () = self.reserve.changed.notified(), if !failed => {}
+                () = self.reserve.changed.notified(), if !failed => {
+                    // A reserve that needs topping up now is not held back.
+                    if self.reserve.refill(settings.low, settings.high).is_none() {
+                        tokio::select! {
+                            () = crate::sync::stopped(&mut stop) => return,
+                            () = tokio::time::sleep(REPORT_WINDOW) => {}
+                        }
+                    }
+                }
                 () = tokio::time::sleep(wait) => {}
                 _ = async { let mut p = phase.subscribe(); p.changed().await }, if !ready => {}
             }

@@ -39,7 +39,7 @@ use std::{
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tonic::{Code as GrpcCode, Request, Response, Status};
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 use weft_proto::agent::v1::{ExecRequest, ExecResponse, cni_server::Cni};
 
 use crate::reserve::{
@@ -555,7 +555,12 @@ impl<I: Ipam, P: Pods> Cni for CniService<I, P> {
             }));
         }
         let req = request.into_inner();
+        let started = std::time::Instant::now();
         let outcome = self.handle(&req.env, &req.stdin).await;
+        debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "CNI request handled"
+        );
         let reply = match outcome {
             Ok(stdout) => ExecResponse {
                 stdout: stdout.into_bytes(),

@@ -1,10 +1,12 @@
 //! Entering a pod's network namespace: checking that the path is one the
-//! agent can see, and running netlink work inside it on a short-lived OS
-//! thread (setns() moves only that thread; its socket stays bound there).
+//! agent can see, and talking netlink inside it through a socket made
+//! there by a short-lived OS thread (setns() moves only that thread; the
+//! socket stays bound to the namespace).
 
 use std::{fs::File, path::Path};
 
 use futures::future::BoxFuture;
+use netlink_sys::{AsyncSocket, TokioSocket, protocols::NETLINK_ROUTE};
 use rtnetlink::Handle;
 use tokio::sync::oneshot;
 
@@ -55,6 +57,11 @@ pub fn check_netns(netns: &Path) -> Result<(), PodError> {
 }
 
 /// Runs `work` with a netlink handle inside the namespace at `netns`.
+///
+/// Only the socket is made inside the namespace, on a throwaway OS thread
+/// (setns() moves just that thread, and a socket stays in the namespace it
+/// was created in); the conversation runs on the caller's runtime. A thread
+/// that entered a pod's namespace never runs anything else.
 pub(super) async fn in_netns<T: Send + 'static>(
     netns: &Path,
     work: impl FnOnce(Handle) -> BoxFuture<'static, Result<T, PodError>> + Send + 'static,
@@ -66,13 +73,12 @@ pub(super) async fn in_netns<T: Send + 'static>(
         )
         .with_details(e.to_string())
     })?;
+    let runtime = tokio::runtime::Handle::current();
     let (tx, rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("weft-netns".into())
         .spawn(move || {
             let result = (|| {
-                // This thread alone moves into the pod's namespace, and the
-                // socket opened below stays bound to it.
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                     PodError::new(
                         PodErrorKind::Netns,
@@ -80,24 +86,14 @@ pub(super) async fn in_netns<T: Send + 'static>(
                     )
                     .with_details(e.to_string())
                 })?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| {
-                        PodError::new(
-                            PodErrorKind::Local,
-                            format!("starting a netns runtime: {e}"),
-                        )
-                    })?;
-                rt.block_on(async move {
-                    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
-                        PodError::new(
-                            PodErrorKind::Local,
-                            format!("netlink socket in the pod namespace: {e}"),
-                        )
-                    })?;
-                    tokio::spawn(conn);
-                    work(handle).await
+                // Registered with the caller's reactor, which is not bound
+                // to any namespace.
+                let _context = runtime.enter();
+                TokioSocket::new(NETLINK_ROUTE).map_err(|e| {
+                    PodError::new(
+                        PodErrorKind::Local,
+                        format!("netlink socket in the pod namespace: {e}"),
+                    )
                 })
             })();
             let _ = tx.send(result);
@@ -108,6 +104,11 @@ pub(super) async fn in_netns<T: Send + 'static>(
                 format!("spawning the netns thread: {e}"),
             )
         })?;
-    rx.await
-        .map_err(|_| PodError::new(PodErrorKind::Local, "the netns thread died"))?
+    let socket = rx
+        .await
+        .map_err(|_| PodError::new(PodErrorKind::Local, "the netns thread died"))??;
+    let (conn, handle, _) = rtnetlink::from_socket(socket);
+    // Ends once `work` drops the handle.
+    tokio::spawn(conn);
+    work(handle).await
 }

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     datapath::BRIDGE_NAME,
-    datapath::netlink::{ENODEV, address_net, errno, link_mtu},
+    datapath::netlink::{EEXIST, ENODEV, address_net, errno, link_mtu},
 };
 
 fn datapath_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> PodError {
@@ -42,12 +42,7 @@ fn mac_string(link: &LinkMessage) -> String {
     link.attributes
         .iter()
         .find_map(|a| match a {
-            LinkAttribute::Address(a) if a.len() == 6 => Some(
-                a.iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            ),
+            LinkAttribute::Address(a) if a.len() == 6 => Some(format_mac(a)),
             _ => None,
         })
         .unwrap_or_default()
@@ -76,6 +71,9 @@ async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>
 }
 
 /// Puts the veth's peer into the namespace `fd` refers to, with `mtu`.
+/// (It cannot be made up in the same request: the kernel configures the
+/// peer before it links the pair, and a veth without a peer refuses to
+/// open.)
 fn place_peer(msg: &mut LinkMessage, fd: std::os::fd::RawFd, mtu: u32) {
     for attr in &mut msg.attributes {
         if let LinkAttribute::LinkInfo(infos) = attr {
@@ -88,6 +86,34 @@ fn place_peer(msg: &mut LinkMessage, fd: std::os::fd::RawFd, mtu: u32) {
         }
     }
 }
+
+/// A random locally administered unicast MAC, as the kernel would pick;
+/// chosen here so the host end needs no lookup after it is made.
+fn random_mac() -> Result<[u8; 6], PodError> {
+    use std::io::Read;
+    let mut mac = [0u8; 6];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut mac))
+        .map_err(|e| PodError::new(PodErrorKind::Local, format!("reading /dev/urandom: {e}")))?;
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    Ok(mac)
+}
+
+fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A failed veth creation, with the kernel's errno when it gave one.
+struct CreateError {
+    errno: Option<i32>,
+    error: PodError,
+}
+
+/// The loopback device's index in every network namespace.
+const LOOPBACK_INDEX: u32 = 1;
 
 /// What the pod side looks like, read from inside its namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -151,21 +177,21 @@ async fn inspect(handle: Handle, ifname: String) -> Result<PodSide, PodError> {
     })
 }
 
-/// Renames the moved peer, addresses it and routes through the gateway.
+/// Addresses the pod end (created there under its final name), brings it
+/// up and routes through the gateway; its MAC.
 async fn configure(
     handle: Handle,
     ifname: String,
     address: Ipv4Net,
     gateway: Ipv4Addr,
 ) -> Result<String, PodError> {
-    if let Some(lo) = link_by_name(&handle, "lo").await? {
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(lo.header.index).up().build())
-            .execute()
-            .await
-            .map_err(datapath_err("bringing lo up in the pod"))?;
-    }
+    // lo has index 1 in every network namespace.
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(LOOPBACK_INDEX).up().build())
+        .execute()
+        .await
+        .map_err(datapath_err("bringing lo up in the pod"))?;
     let link = link_by_name(&handle, &ifname).await?.ok_or_else(|| {
         PodError::new(
             PodErrorKind::Kernel,
@@ -199,12 +225,6 @@ async fn configure(
         .map_err(datapath_err(format!(
             "adding the default route via {gateway}"
         )))?;
-    let link = link_by_name(&handle, &ifname).await?.ok_or_else(|| {
-        PodError::new(
-            PodErrorKind::Kernel,
-            format!("{ifname} vanished in the pod"),
-        )
-    })?;
     Ok(mac_string(&link))
 }
 
@@ -247,44 +267,33 @@ impl PodNetwork {
                     PodErrorKind::NotReady,
                     format!("{BRIDGE_NAME} does not exist yet; the node is not ready"),
                 )
-            })?;
-
-        if let Some(existing) = link_by_name(&self.handle, &host).await? {
-            let side = self.inspect(&spec.netns, &spec.ifname).await?;
-            if side.exists
-                && side.addresses.contains(&spec.address)
-                && link_controller(&existing) == Some(bridge.header.index)
-            {
-                debug!(%host, "attachment already wired");
-                return Ok(self.wired(spec, &existing, side.mac));
+            })?
+            .header
+            .index;
+        let host_mac = random_mac()?;
+        // A fresh attachment (the usual case) costs no lookup: the veth is
+        // made at once, and only a name already taken means a retry.
+        let created = match self.create_veth(spec, &host, bridge, &host_mac).await {
+            Err(e) if e.errno == Some(EEXIST) => {
+                if let Some(existing) = link_by_name(&self.handle, &host).await? {
+                    let side = self.inspect(&spec.netns, &spec.ifname).await?;
+                    if side.exists
+                        && side.addresses.contains(&spec.address)
+                        && link_controller(&existing) == Some(bridge)
+                    {
+                        debug!(%host, "attachment already wired");
+                        return Ok(self.wired(spec, mac_string(&existing), side.mac));
+                    }
+                }
+                warn!(%host, "replacing a half-made attachment");
+                self.delete_link(&host).await?;
+                self.create_veth(spec, &host, bridge, &host_mac).await
             }
-            warn!(%host, "replacing a half-made attachment");
-            self.delete_link(&host).await?;
-        }
-
-        let netns = File::open(&spec.netns).map_err(|e| {
-            PodError::new(
-                PodErrorKind::Netns,
-                format!("cannot open network namespace {}", spec.netns.display()),
-            )
-            .with_details(e.to_string())
-        })?;
-        let t = std::time::Instant::now();
-        // The pod end is created inside the pod's namespace under its final
-        // name: moving a device between namespaces waits for RCU grace
-        // periods (~15 ms here); creating it there does not.
-        let mut msg = LinkVeth::new(&host, &spec.ifname).mtu(spec.mtu).build();
-        place_peer(&mut msg, netns.as_raw_fd(), spec.mtu);
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(datapath_err(format!("creating veth {host} into the pod")))?;
-        drop(netns);
-        debug!(elapsed_us = t.elapsed().as_micros() as u64, "veth created");
-        match self.finish_wiring(spec, &host, bridge.header.index).await {
-            Ok(w) => Ok(w),
+            other => other,
+        };
+        created.map_err(|e| e.error)?;
+        match self.finish_wiring(spec, &host).await {
+            Ok(pod_mac) => Ok(self.wired(spec, format_mac(&host_mac), pod_mac)),
             Err(e) => {
                 // Deleting the host end takes the pod end with it, wherever it is.
                 if let Err(cleanup) = self.delete_link(&host).await {
@@ -295,12 +304,43 @@ impl PodNetwork {
         }
     }
 
-    async fn finish_wiring(
+    /// Makes the veth pair in one request: the host end on the bridge and
+    /// up, the pod end inside the pod's namespace under its final name and
+    /// up (moving a device between namespaces waits for RCU grace periods,
+    /// ~15 ms here; creating it there does not).
+    async fn create_veth(
         &self,
         spec: &PodSpec,
         host: &str,
         bridge: u32,
-    ) -> Result<Wired, PodError> {
+        host_mac: &[u8; 6],
+    ) -> Result<(), CreateError> {
+        let netns = File::open(&spec.netns).map_err(|e| CreateError {
+            errno: None,
+            error: PodError::new(
+                PodErrorKind::Netns,
+                format!("cannot open network namespace {}", spec.netns.display()),
+            )
+            .with_details(e.to_string()),
+        })?;
+        let t = std::time::Instant::now();
+        let mut msg = LinkVeth::new(host, &spec.ifname)
+            .mtu(spec.mtu)
+            .address(host_mac.to_vec())
+            .controller(bridge)
+            .up()
+            .build();
+        place_peer(&mut msg, netns.as_raw_fd(), spec.mtu);
+        let result = self.handle.link().add(msg).execute().await;
+        drop(netns);
+        debug!(elapsed_us = t.elapsed().as_micros() as u64, "veth created");
+        result.map_err(|e| CreateError {
+            errno: errno(&e),
+            error: datapath_err(format!("creating veth {host} into the pod"))(e),
+        })
+    }
+
+    async fn finish_wiring(&self, spec: &PodSpec, host: &str) -> Result<String, PodError> {
         let t = std::time::Instant::now();
         let (ifname, address, gateway) = (spec.ifname.clone(), spec.address, spec.gateway);
         let pod_mac = in_netns(&spec.netns, move |h| {
@@ -312,26 +352,13 @@ impl PodNetwork {
             "pod side configured"
         );
         let t = std::time::Instant::now();
-
-        let host_link = link_by_name(&self.handle, host)
-            .await?
-            .ok_or_else(|| PodError::new(PodErrorKind::Kernel, format!("{host} vanished")))?;
-        let index = host_link.header.index;
+        // Hairpin lets a pod reach itself through a Service VIP. The port
+        // is named, not numbered, so the new link needs no lookup.
+        let mut port = LinkBridgePort::new(0).hairpin(true).build();
+        port.attributes.push(LinkAttribute::IfName(host.to_owned()));
         self.handle
             .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .controller(bridge)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(datapath_err(format!("attaching {host} to {BRIDGE_NAME}")))?;
-        // Hairpin lets a pod reach itself through a service VIP.
-        self.handle
-            .link()
-            .set_port(LinkBridgePort::new(index).hairpin(true).build())
+            .set_port(port)
             .execute()
             .await
             .map_err(datapath_err(format!("enabling hairpin on {host}")))?;
@@ -339,14 +366,14 @@ impl PodNetwork {
             elapsed_us = t.elapsed().as_micros() as u64,
             "host side attached"
         );
-        Ok(self.wired(spec, &host_link, pod_mac))
+        Ok(pod_mac)
     }
 
-    fn wired(&self, spec: &PodSpec, host: &LinkMessage, pod_mac: String) -> Wired {
+    fn wired(&self, spec: &PodSpec, host_mac: String, pod_mac: String) -> Wired {
         Wired {
             host: Interface {
                 name: host_ifname(&spec.container_id, &spec.ifname),
-                mac: mac_string(host),
+                mac: host_mac,
                 sandbox: None,
             },
             container: Interface {

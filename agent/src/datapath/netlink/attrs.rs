@@ -23,7 +23,7 @@ use crate::{
 pub(crate) const ENODEV: i32 = 19;
 pub(super) const ENOENT: i32 = 2;
 pub(super) const ESRCH: i32 = 3;
-pub(super) const EEXIST: i32 = 17;
+pub(crate) const EEXIST: i32 = 17;
 
 pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {

@@ -26,7 +26,7 @@ use crate::{
 };
 
 use attrs::link_mac;
-pub(crate) use attrs::{ENODEV, address_net, errno, link_mtu};
+pub(crate) use attrs::{EEXIST, ENODEV, address_net, errno, link_mtu};
 
 /// nftables table that holds Weft's NAT rule.
 pub const NFT_TABLE: &str = "weft";
