@@ -76,7 +76,12 @@ fn add_wires_the_pod_and_two_pods_on_a_node_reach_each_other() {
     assert_eq!(host["master"], "weft0");
     assert_eq!(host["linkinfo"]["info_slave_data"]["hairpin"], true);
     assert_eq!(host["mtu"], 1450);
-    assert!(host["flags"].as_array().unwrap().contains(&Value::from("UP")));
+    assert!(
+        host["flags"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("UP"))
+    );
     // The result names the MACs the kernel has (the host one is chosen by
     // the agent, the pod one by the kernel).
     assert_eq!(r["interfaces"][0]["mac"], host["address"]);
@@ -163,7 +168,9 @@ fn an_add_over_a_half_made_attachment_replaces_it() {
     let host_if = weft_core::names::host_ifname("ctr-h", "eth0");
     in_ns(
         &c.nodes[0],
-        &["ip", "link", "add", &host_if, "type", "veth", "peer", "name", "stale0"],
+        &[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "stale0",
+        ],
     );
     let out = c.cni(0, "ADD", "ctr-h", &ns, "h", &c.net_conf(0, "1.0.0"));
     assert_eq!(out.code, 0, "{out:?}");
@@ -172,7 +179,11 @@ fn an_add_over_a_half_made_attachment_replaces_it() {
     assert_eq!(out.stdout["interfaces"][0]["mac"], host["address"]);
     let links = in_ns_json(&c.nodes[0], &["ip", "-j", "link", "show"]);
     assert!(
-        !links.as_array().unwrap().iter().any(|l| l["ifname"] == "stale0"),
+        !links
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["ifname"] == "stale0"),
         "the stale peer is still there"
     );
     let pod = c.pod_ns_name("h");
@@ -185,6 +196,174 @@ fn an_add_over_a_half_made_attachment_replaces_it() {
         ),
         address_of(&out.stdout)
     );
+}
+
+#[test]
+fn del_flushes_the_pods_flows_from_conntrack_and_only_those() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let ns = c.pod_netns("f");
+    let out = c.cni(0, "ADD", "ctr-f", &ns, "f", &c.net_conf(0, "1.0.0"));
+    assert_eq!(out.code, 0, "{out:?}");
+    let ip = address_of(&out.stdout)
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let node = c.nodes[0].clone();
+    let insert = |args: &[&str]| {
+        let mut all = vec![
+            "conntrack",
+            "-I",
+            "-p",
+            "tcp",
+            "--state",
+            "ESTABLISHED",
+            "-t",
+            "300",
+        ];
+        all.extend_from_slice(args);
+        in_ns(&node, &all);
+    };
+    // The pod's own flow, a Service flow DNATed to it (the pod is only in
+    // the reply tuple), and a flow of someone else.
+    insert(&[
+        "-s",
+        &ip,
+        "-d",
+        "198.51.100.1",
+        "--sport",
+        "1000",
+        "--dport",
+        "80",
+    ]);
+    insert(&[
+        "-s",
+        "10.244.1.9",
+        "-d",
+        "10.96.0.10",
+        "-r",
+        &ip,
+        "-q",
+        "10.244.1.9",
+        "--sport",
+        "1001",
+        "--dport",
+        "80",
+        "--reply-port-src",
+        "8080",
+        "--reply-port-dst",
+        "1001",
+    ]);
+    insert(&[
+        "-s",
+        "10.244.1.9",
+        "-d",
+        "198.51.100.1",
+        "--sport",
+        "1002",
+        "--dport",
+        "80",
+    ]);
+    let flows = || String::from_utf8_lossy(&in_ns(&node, &["conntrack", "-L"]).stdout).into_owned();
+    assert_eq!(
+        flows().matches(&format!("={ip} ")).count(),
+        3,
+        "{}",
+        flows()
+    );
+
+    let out = c.cni(0, "DEL", "ctr-f", &ns, "f", &c.net_conf(0, "1.0.0"));
+    assert_eq!(out.code, 0, "{out:?}");
+    // The flush runs just after the answer (the address is held from binds
+    // until it is done).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while flows().contains(&format!("={ip} ")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = flows();
+    assert!(!left.contains(&format!("={ip} ")), "{left}");
+    assert!(
+        left.contains("sport=1002"),
+        "someone else's flow was flushed: {left}"
+    );
+}
+
+/// The link group of veths DEL cut off ("weft" in ASCII, 0x77656674).
+const CUT_OFF_GROUP: &str = "2003134068";
+
+/// The host veth's `ip -j -d link` entry, if it exists.
+fn host_link(c: &Cluster, name: &str) -> Option<Value> {
+    let links = in_ns_json(&c.nodes[0], &["ip", "-j", "-d", "link", "show"]);
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["ifname"] == name)
+        .cloned()
+}
+
+#[test]
+fn del_cuts_the_pod_off_before_it_answers_and_its_veth_dies_after() {
+    if !require_root() {
+        return;
+    }
+    let mut c = one_node();
+    let conf = c.net_conf(0, "1.0.0");
+    let (ns_a, ns_b) = (c.pod_netns("a"), c.pod_netns("b"));
+    assert_eq!(c.cni(0, "ADD", "ctr-a", &ns_a, "a", &conf).code, 0);
+    let b = c.cni(0, "ADD", "ctr-b", &ns_b, "b", &conf);
+    let b_ip = address_of(&b.stdout).split('/').next().unwrap().to_owned();
+    assert!(c.pod_ping("a", &b_ip));
+
+    let host_b = weft_core::names::host_ifname("ctr-b", "eth0");
+    assert_eq!(c.cni(0, "DEL", "ctr-b", &ns_b, "b", &conf).code, 0);
+    // At the answer: gone, or down and off the bridge, waiting to be deleted.
+    if let Some(l) = host_link(&c, &host_b) {
+        assert!(l["master"].is_null(), "{l}");
+        assert!(
+            !l["flags"].as_array().unwrap().contains(&Value::from("UP")),
+            "{l}"
+        );
+        assert_eq!(l["group"], CUT_OFF_GROUP, "{l}");
+    }
+    assert!(
+        !c.pod_ping("a", &b_ip),
+        "pod b is still reachable after its DEL"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host_link(&c, &host_b).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        host_link(&c, &host_b).is_none(),
+        "the cut-off veth never died"
+    );
+
+    // A veth a stopped agent left cut off is deleted when it starts again;
+    // a live pod's veth is not touched.
+    c.stop_agent(0);
+    let left = weft_core::names::host_ifname("ctr-z", "eth0");
+    in_ns(
+        &c.nodes[0],
+        &[
+            "ip", "link", "add", &left, "type", "veth", "peer", "name", "z0",
+        ],
+    );
+    in_ns(
+        &c.nodes[0],
+        &["ip", "link", "set", &left, "group", CUT_OFF_GROUP],
+    );
+    c.start_agent(0);
+    assert!(
+        host_link(&c, &left).is_none(),
+        "a cut-off veth outlived a restart: {}",
+        c.agent_log(0)
+    );
+    let host_a = weft_core::names::host_ifname("ctr-a", "eth0");
+    assert_eq!(host_link(&c, &host_a).unwrap()["master"], "weft0");
 }
 
 #[test]

@@ -269,12 +269,15 @@ pub fn bench(env: &Env, report: &mut Report, pods: usize, burst: usize) -> anyho
             ra,
             Some(Target::RatioAtMost(add_target)),
         );
+        // The pod unreachable and its address free before the answer; the
+        // veth may finish dying after (issue 15's targets).
+        let del_target = if concurrency == 1 { 0.3 } else { 0.5 };
         report.latency(
             &format!("CNI DEL, {pods} pods {label}"),
             wd,
             "bridge+host-local",
             rd,
-            Some(Target::RatioAtMost(0.5)),
+            Some(Target::RatioAtMost(del_target)),
         );
     }
 

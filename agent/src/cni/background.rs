@@ -107,6 +107,9 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
     /// truth of what is wired. Run before the socket serves (no call can
     /// be in flight) and from the background with a grace period.
     pub async fn check_kernel(&self) -> anyhow::Result<usize> {
+        // Veths a DEL cut off but did not see die (a restart): nothing of
+        // them is reachable, and nothing else can be in flight now.
+        self.pods.reap_cut_off(None).await?;
         let veths: HashSet<String> = self.pods.host_veths().await?.into_iter().collect();
         let mut released = 0;
         for key in self.reserve.book().bound.into_keys() {
@@ -167,7 +170,17 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
     /// One reconcile pass: bindings missing from the kernel for longer
     /// than `grace` (seen missing on an earlier pass, no CNI call in
     /// flight) are released.
-    async fn reconcile(&self, missing_before: &mut HashSet<Key>) {
+    async fn reconcile(
+        &self,
+        missing_before: &mut HashSet<Key>,
+        cut_off_before: &mut HashSet<String>,
+    ) {
+        // A veth cut off on two passes in a row is no DEL's background
+        // deletion still running.
+        match self.pods.reap_cut_off(Some(cut_off_before)).await {
+            Ok(left) => *cut_off_before = left.into_iter().collect(),
+            Err(e) => warn!(error = %e, "cannot reap cut-off veths"),
+        }
         let veths: HashSet<String> = match self.pods.host_veths().await {
             Ok(v) => v.into_iter().collect(),
             Err(e) => {
@@ -199,10 +212,11 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             {
                 continue;
             }
-            match self.reserve.release(&key, !self.online()) {
+            match self.reserve.release_and_hold(&key, !self.online(), true) {
                 Ok(Some(ip)) => {
                     info!(container_id = %key.0, ifname = %key.1, %ip, "released an address whose pod is gone (no DEL or GC came)");
                     self.pods.flush_conntrack(&ip.to_string()).await;
+                    self.reserve.let_go(ip);
                 }
                 Ok(None) => {}
                 Err(e) => error!(error = %e, "cannot journal a reconcile release"),
@@ -417,6 +431,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         let mut last_sync = Instant::now();
         let mut last_reconcile = Instant::now();
         let mut missing = HashSet::new();
+        let mut cut_off = HashSet::new();
         let mut backoff =
             weft_plumbing::Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let mut offline_since = None;
@@ -458,7 +473,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 }
             }
             if last_reconcile.elapsed() >= settings.reconcile_every.min(settings.grace) {
-                self.reconcile(&mut missing).await;
+                self.reconcile(&mut missing, &mut cut_off).await;
                 last_reconcile = Instant::now();
             }
             self.observe(&metrics, offline_since);

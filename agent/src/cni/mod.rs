@@ -16,6 +16,7 @@
 //! and each is kept whole where it can be read top to bottom.)
 
 pub mod background;
+mod conntrack;
 pub mod error;
 mod locks;
 mod netns;
@@ -364,9 +365,10 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 }
             }
         }
-        // The pod must be unreachable before its address can go to another.
+        // The pod must be unreachable before its address can go to another;
+        // its veth may finish dying after the answer.
         let host = host_ifname(&req.container_id, &req.ifname);
-        let unlinked = self.pods.delete_link(&host).await;
+        let unlinked = self.pods.unlink(&host).await;
         if let Err(e) = unlinked {
             // The veth may still carry traffic: keep the address bound.
             return Err(e.into());
@@ -374,12 +376,21 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
         failpoint("del-after-teardown");
         let released = self
             .reserve
-            .release(&key(req), !self.online())
+            .release_and_hold(&key(req), !self.online(), true)
             .map_err(state_error)?;
         failpoint("del-after-release");
         if let Some(ip) = released.map(|a| a.to_string()).or(address) {
-            self.pods.flush_conntrack(&ip).await;
             info!(%ip, "pod unwired and released");
+            // A conntrack flush walks the whole table (~10 ms here), so it
+            // runs after the answer; the address is held from binds until
+            // it is done, and a new pod never inherits the old one's flows.
+            let (pods, reserve) = (self.pods.clone(), self.reserve.clone());
+            tokio::spawn(async move {
+                pods.flush_conntrack(&ip).await;
+                if let Some(a) = released {
+                    reserve.let_go(a);
+                }
+            });
         }
         Ok(())
     }
@@ -477,10 +488,11 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             let _ = self.pods.delete_link(&host_ifname(&k.0, &k.1)).await;
             if let Some(ip) = self
                 .reserve
-                .release(&k, !self.online())
+                .release_and_hold(&k, !self.online(), true)
                 .map_err(state_error)?
             {
                 self.pods.flush_conntrack(&ip.to_string()).await;
+                self.reserve.let_go(ip);
                 released += 1;
             }
         }

@@ -5,10 +5,12 @@
 //! (A little over 400 lines: wiring and its undo read best as one piece.)
 
 use std::{
+    collections::HashSet,
     fs::File,
     net::{IpAddr, Ipv4Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
 };
 
 use futures::TryStreamExt;
@@ -18,7 +20,8 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteHeader},
 };
 use rtnetlink::{Handle, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use tracing::{debug, warn};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
 
 use super::{
     netns::in_netns,
@@ -104,6 +107,84 @@ fn format_mac(mac: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Weft's host veths by state.
+#[derive(Debug, Default)]
+struct Veths {
+    live: Vec<String>,
+    cut_off: Vec<(String, u32)>,
+}
+
+/// In [`CUT_OFF_GROUP`], as [`PodNetwork::unlink`] leaves a veth.
+fn is_cut_off(link: &LinkMessage) -> bool {
+    link.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::Group(g) if *g == CUT_OFF_GROUP))
+}
+
+/// The link group DEL moves a cut-off veth into ("weft" in ASCII): the
+/// mark of a veth that is only waiting to be deleted.
+pub const CUT_OFF_GROUP: u32 = 0x7765_6674;
+
+/// How long the reaper waits for more DELs before it deletes what is cut
+/// off: DELs come in runs (a rollout, a node drained), and one deletion of
+/// the whole group pays the kernel's RCU grace periods once for the run.
+const REAP_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Wakes the reaper, starting it on first use.
+fn poke_reaper() {
+    static REAPER: OnceLock<Arc<Notify>> = OnceLock::new();
+    REAPER
+        .get_or_init(|| {
+            let poke = Arc::new(Notify::new());
+            let waker = poke.clone();
+            // Its own OS thread and netlink socket: the kernel answers a
+            // deletion only after the grace periods, and meanwhile the
+            // thread sending it is blocked; neither the agent's runtime
+            // nor requests queued on its socket (the next ADD's) wait.
+            let started = std::thread::Builder::new()
+                .name("weft-veth-reaper".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(reap(waker)),
+                        Err(e) => warn!(error = %e, "no runtime for the veth reaper; reconcile deletes cut-off veths"),
+                    }
+                });
+            if let Err(e) = started {
+                warn!(error = %e, "cannot start the veth reaper; reconcile deletes cut-off veths");
+            }
+            poke
+        })
+        .notify_one();
+}
+
+async fn reap(poke: Arc<Notify>) {
+    let handle = match rtnetlink::new_connection() {
+        Ok((conn, handle, _)) => {
+            tokio::spawn(conn);
+            handle
+        }
+        Err(e) => {
+            warn!(error = %e, "no netlink socket for the veth reaper; reconcile deletes cut-off veths");
+            return;
+        }
+    };
+    loop {
+        poke.notified().await;
+        tokio::time::sleep(REAP_WINDOW).await;
+        let mut group = LinkMessage::default();
+        group.attributes.push(LinkAttribute::Group(CUT_OFF_GROUP));
+        match handle.link().del_with_message(group).execute().await {
+            Ok(()) => debug!("deleted the cut-off veths"),
+            // Nothing in the group: an earlier pass took them.
+            Err(e) if errno(&e) == Some(ENODEV) => {}
+            Err(e) => warn!(error = %e, "deleting cut-off veths failed; reconcile retries"),
+        }
+    }
 }
 
 /// A failed veth creation, with the kernel's errno when it gave one.
@@ -414,10 +495,42 @@ impl PodNetwork {
         Ok(Some(bridge.is_some() && link_controller(&link) == bridge))
     }
 
-    /// Host-side veths Weft made (by name), on the bridge or not: a veth
-    /// that lost its bridge (weft0 deleted by hand) still carries its pod's
-    /// address, so the reserve must not count it gone.
-    pub async fn host_veths(&self) -> Result<Vec<String>, PodError> {
+    /// Cuts a host veth off (down, off weft0, into [`CUT_OFF_GROUP`]) in one
+    /// request, so its pod is unreachable at once, and leaves it to the
+    /// reaper: a deletion waits for RCU grace periods (10-20 ms here, far
+    /// more under concurrent DELs) and nothing of the pod is reachable
+    /// meanwhile. A missing veth is fine; one a restart left cut off is
+    /// deleted by [`Self::reap_cut_off`].
+    pub async fn unlink(&self, name: &str) -> Result<(), PodError> {
+        let Some(link) = link_by_name(&self.handle, name).await? else {
+            return Ok(());
+        };
+        let index = link.header.index;
+        match self
+            .handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .down()
+                    .nocontroller()
+                    .link_group(CUT_OFF_GROUP)
+                    .build(),
+            )
+            .execute()
+            .await
+        {
+            Err(e) if errno(&e) == Some(ENODEV) => return Ok(()),
+            other => other.map_err(datapath_err(format!("cutting {name} off")))?,
+        }
+        poke_reaper();
+        Ok(())
+    }
+
+    /// Weft's host veths (by name): `live` on the bridge or not (a veth
+    /// that lost its bridge, weft0 deleted by hand, still carries its pod's
+    /// address, so the reserve must not count it gone), `cut_off` those
+    /// in [`CUT_OFF_GROUP`], as [`Self::unlink`] leaves them to die.
+    async fn weft_veths(&self) -> Result<Veths, PodError> {
         let links: Vec<LinkMessage> = self
             .handle
             .link()
@@ -426,17 +539,49 @@ impl PodNetwork {
             .try_collect()
             .await
             .map_err(datapath_err("listing links"))?;
-        Ok(links
-            .iter()
-            .filter_map(|l| {
-                l.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) if n.starts_with("weft") && n.len() == 15 => {
-                        Some(n.clone())
-                    }
-                    _ => None,
-                })
-            })
-            .collect())
+        let mut veths = Veths::default();
+        for l in &links {
+            let Some(name) = l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) if n.starts_with("weft") && n.len() == 15 => Some(n),
+                _ => None,
+            }) else {
+                continue;
+            };
+            if is_cut_off(l) {
+                veths.cut_off.push((name.clone(), l.header.index));
+            } else {
+                veths.live.push(name.clone());
+            }
+        }
+        Ok(veths)
+    }
+
+    /// Host-side veths of wired pods, see [`Self::weft_veths`].
+    pub async fn host_veths(&self) -> Result<Vec<String>, PodError> {
+        Ok(self.weft_veths().await?.live)
+    }
+
+    /// Deletes cut-off veths (a DEL whose background deletion a crash or
+    /// restart interrupted) among `only`, or all of them; the cut-off ones
+    /// it left.
+    pub async fn reap_cut_off(
+        &self,
+        only: Option<&HashSet<String>>,
+    ) -> Result<Vec<String>, PodError> {
+        let mut left = Vec::new();
+        for (name, index) in self.weft_veths().await?.cut_off {
+            if !only.is_none_or(|o| o.contains(&name)) {
+                left.push(name);
+                continue;
+            }
+            match self.handle.link().del(index).execute().await {
+                Err(e) if errno(&e) != Some(ENODEV) => {
+                    return Err(datapath_err(format!("deleting {name}"))(e));
+                }
+                _ => info!(%name, "deleted a veth a DEL had cut off"),
+            }
+        }
+        Ok(left)
     }
 
     pub async fn bridge_exists(&self) -> Result<bool, PodError> {

@@ -5,7 +5,7 @@
 //! aggregation, CHECK drift, GC selection) are unit-tested against the
 //! recording fakes in [`fake`] without root.
 
-use std::{future::Future, path::Path, time::Duration};
+use std::{collections::HashSet, future::Future, path::Path, time::Duration};
 
 use tonic::{Request, Status, transport::Channel};
 use weft_proto::v1::{self as pb, ipam_client::IpamClient, topology_client::TopologyClient};
@@ -50,6 +50,14 @@ pub trait Pods: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<PodSide, PodError>> + Send;
     /// Deletes a host veth; a missing one is not an error.
     fn delete_link(&self, name: &str) -> impl Future<Output = Result<(), PodError>> + Send;
+    /// Makes a host veth's pod unreachable now and deletes the veth in the
+    /// background; a missing one is not an error.
+    fn unlink(&self, name: &str) -> impl Future<Output = Result<(), PodError>> + Send;
+    /// Deletes the veths DELs cut off, among `only` or all; those it left.
+    fn reap_cut_off(
+        &self,
+        only: Option<&HashSet<String>>,
+    ) -> impl Future<Output = Result<Vec<String>, PodError>> + Send;
     /// `None`: the host end is missing; `Some(attached to weft0)`.
     fn host_side(
         &self,
@@ -143,6 +151,14 @@ impl Pods for PodNetwork {
         PodNetwork::delete_link(self, name).await
     }
 
+    async fn unlink(&self, name: &str) -> Result<(), PodError> {
+        PodNetwork::unlink(self, name).await
+    }
+
+    async fn reap_cut_off(&self, only: Option<&HashSet<String>>) -> Result<Vec<String>, PodError> {
+        PodNetwork::reap_cut_off(self, only).await
+    }
+
     async fn host_side(&self, container_id: &str, ifname: &str) -> Result<Option<bool>, PodError> {
         PodNetwork::host_side(self, container_id, ifname).await
     }
@@ -161,21 +177,11 @@ impl Pods for PodNetwork {
 }
 
 /// Drops conntrack entries of a released address, so a new pod that later
-/// gets it does not inherit flows. Best-effort: `conntrack` exits 1 when
-/// nothing matched, and may not be installed.
+/// gets it does not inherit flows. Best-effort.
 async fn flush_conntrack(ip: &str) {
-    let delete = |flag: &'static str| {
-        tokio::process::Command::new("conntrack")
-            .args(["-D", flag, ip])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-    };
-    // Flows from and to the address, flushed side by side.
-    let (from, to) = tokio::join!(delete("-s"), delete("-d"));
-    if let Err(e) = from.and(to) {
-        tracing::warn!(%ip, error = %e, "conntrack not available; flows of the released address are not flushed");
+    match ip.parse() {
+        Ok(ip) => super::conntrack::flush(ip).await,
+        Err(e) => tracing::warn!(%ip, error = %e, "not an IPv4 address; conntrack not flushed"),
     }
 }
 
@@ -333,6 +339,21 @@ pub mod fake {
                 Some(e) => Err(e),
                 None => Ok(()),
             }
+        }
+
+        async fn unlink(&self, name: &str) -> Result<(), PodError> {
+            self.call(format!("unlink {name}"));
+            match lock(&self.fail_delete).clone() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+
+        async fn reap_cut_off(
+            &self,
+            _only: Option<&HashSet<String>>,
+        ) -> Result<Vec<String>, PodError> {
+            Ok(Vec::new())
         }
 
         async fn host_side(&self, _cid: &str, _ifname: &str) -> Result<Option<bool>, PodError> {

@@ -185,11 +185,16 @@ async fn a_del_whose_veth_cannot_be_deleted_keeps_the_address_bound() {
     *r.pods.fail_delete.lock().unwrap() = None;
     r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
     assert!(bound(&r).is_empty());
-    assert!(
-        r.pods
-            .calls()
-            .contains(&"flush_conntrack 10.244.0.2".to_owned())
-    );
+    // The flush runs after the answer; the address is held until it is done.
+    let flushed = "flush_conntrack 10.244.0.2".to_owned();
+    for _ in 0..200 {
+        if r.pods.calls().contains(&flushed) && r.reserve.book().held.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(r.pods.calls().contains(&flushed));
+    assert!(r.reserve.book().held.is_empty(), "let go after its flush");
     // DEL again (a retried DEL) is a success with nothing to do.
     r.service.handle(&env("DEL", "c1"), CONF).await.unwrap();
 }

@@ -6,7 +6,7 @@
 //! after a crash is the book before it.
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
     net::Ipv4Addr,
 };
 
@@ -109,6 +109,11 @@ pub struct Book {
     /// Highest report sequence number the server recorded.
     pub acked: u64,
     pub pending: VecDeque<Event>,
+    /// Released addresses whose old flows are still being flushed from
+    /// conntrack: free, but not bound until the flush is done, so a new
+    /// pod never inherits a dead one's connections. In memory only.
+    #[serde(skip)]
+    pub held: BTreeSet<Ipv4Addr>,
 }
 
 /// JSON maps need string keys: the bindings are stored as a list.
@@ -249,7 +254,11 @@ impl Book {
                 lease_s: self.lease_ms / 1000,
             });
         }
-        self.free.front().copied().ok_or(BindError::Exhausted)
+        self.free
+            .iter()
+            .find(|ip| !self.held.contains(ip))
+            .copied()
+            .ok_or(BindError::Exhausted)
     }
 
     /// The record that binds `key` to the next free address, or the
@@ -363,6 +372,19 @@ mod tests {
     fn grant(b: &mut Book, addresses: &[Ipv4Addr]) {
         let r = b.grant(addresses);
         apply(b, r);
+    }
+
+    #[test]
+    fn a_held_address_is_not_bound_until_it_is_let_go() {
+        let mut b = registered(0);
+        grant(&mut b, &[ip(2), ip(3)]);
+        b.held.insert(ip(2));
+        assert_eq!(b.next_free(10), Ok(ip(3)));
+        b.held.insert(ip(3));
+        assert_eq!(b.next_free(10), Err(BindError::Exhausted));
+        b.held.remove(&ip(2));
+        let (a, _) = b.bind(&key("c"), &Pod::default(), 10, false).unwrap();
+        assert_eq!(a, ip(2));
     }
 
     #[test]

@@ -35,6 +35,19 @@ struct Snapshot {
     book: Book,
 }
 
+/// See [`Journal::durability`].
+#[derive(Debug)]
+pub struct Durable {
+    file: File,
+    path: PathBuf,
+}
+
+impl Durable {
+    pub fn sync(self) -> Result<(), StateError> {
+        self.file.sync_data().map_err(io(&self.path))
+    }
+}
+
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
@@ -149,6 +162,15 @@ impl Journal {
         self.seq += 1;
         self.lines += 1;
         Ok(())
+    }
+
+    /// A handle to wait for the disk with after the caller let go of its
+    /// lock: every append made before it is durable once [`Durable::sync`]
+    /// returns, so concurrent appends share one flush.
+    pub fn durability(&self) -> Result<Durable, StateError> {
+        let path = self.dir.join(LOG);
+        let file = self.log.try_clone().map_err(io(&path))?;
+        Ok(Durable { file, path })
     }
 
     /// Folds the log into the snapshot once it is long; `book` must be

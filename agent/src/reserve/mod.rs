@@ -102,8 +102,15 @@ impl Reserve {
         };
         let fresh = record.is_some();
         if let Some(r) = record {
-            Self::commit(&mut inner, &r, true)?;
+            // Written and applied under the lock, so no other bind takes
+            // the address; the wait for the disk is outside it, so binds
+            // side by side share one flush. Nothing is wired with the
+            // address before that wait returns; if it fails, the binding
+            // stays in the book unwired and reconcile releases it.
+            Self::commit(&mut inner, &r, false)?;
+            let durable = inner.journal.durability()?;
             drop(inner);
+            durable.sync()?;
             self.changed.notify_one();
         }
         Ok(Ok(Bind { address, fresh }))
@@ -129,6 +136,17 @@ impl Reserve {
 
     /// Releases the attachment's address, durably; `None` if it had none.
     pub fn release(&self, key: &Key, offline: bool) -> Result<Option<Ipv4Addr>, StateError> {
+        self.release_and_hold(key, offline, false)
+    }
+
+    /// Releases, and when `hold` keeps the address from binds until
+    /// [`Self::let_go`] (its conntrack flush is still running).
+    pub fn release_and_hold(
+        &self,
+        key: &Key,
+        offline: bool,
+        hold: bool,
+    ) -> Result<Option<Ipv4Addr>, StateError> {
         let mut inner = self.lock();
         let Some(record) = inner.book.release(key, now_ms(), offline) else {
             return Ok(None);
@@ -138,9 +156,17 @@ impl Reserve {
             _ => None,
         };
         Self::commit(&mut inner, &record, true)?;
+        if hold && let Some(ip) = address {
+            inner.book.held.insert(ip);
+        }
         drop(inner);
         self.changed.notify_one();
         Ok(address)
+    }
+
+    /// Lets a held address be bound again.
+    pub fn let_go(&self, address: Ipv4Addr) {
+        self.lock().book.held.remove(&address);
     }
 
     /// Adds addresses the server reserved; returns how many were new.
