@@ -8,7 +8,8 @@ RUN cargo build --release --locked -p weft-agent \
  && cargo rustc --profile release-shim --locked -p weft-cni --bin weft -- -C target-feature=+crt-static
 
 FROM debian:bookworm-slim
-# nft for the masquerade table, conntrack to flush released addresses.
+# nft for the masquerade table; conntrack is the fallback for flushing
+# released addresses when ctnetlink cannot be used.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nftables conntrack \
  && rm -rf /var/lib/apt/lists/*
