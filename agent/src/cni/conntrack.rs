@@ -172,6 +172,14 @@ struct Ctnetlink {
 impl Ctnetlink {
     fn open() -> std::io::Result<Self> {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
+        // A kernel that never answers must not hold released addresses
+        // from binds for ever: the batch falls back to the tool instead.
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(5, 0),
+        )
+        .map_err(std::io::Error::from)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
         Ok(Self {
