@@ -272,6 +272,10 @@ impl PeerSet {
         self.peers.values()
     }
 
+    pub fn get(&self, node_name: &str) -> Option<&Peer> {
+        self.peers.get(node_name)
+    }
+
     /// Replaces everything with a snapshot; `own` is never kept. Peers
     /// known before with the same endpoint go first, so an incumbent keeps
     /// its claim against a newcomer; the refused are returned.

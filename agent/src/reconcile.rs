@@ -1,7 +1,9 @@
 //! One reconcile pass: read the peer entries the kernel has, plan against
-//! what the peer set implies, apply the plan. Best-effort like a teardown:
-//! one failing entry does not stop the others, and every failure is
-//! reported together.
+//! what the peer set implies, apply the plan; and one change: plan one
+//! peer's entries before against after and apply that, with no read (a
+//! change costs its own few requests, not a dump of every peer's entries).
+//! Best-effort like a teardown: one failing entry does not stop the others,
+//! and every failure is reported together.
 
 use std::fmt;
 
@@ -9,7 +11,7 @@ use tracing::{debug, info};
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    peers::{Entry, PeerSet, desired_entries, plan},
+    peers::{Entry, Peer, PeerSet, Plan, desired_entries, plan},
 };
 
 /// What one pass changed.
@@ -89,6 +91,23 @@ pub async fn reconcile<D: Datapath>(dp: &D, peers: &PeerSet) -> Result<Applied, 
         );
         return Ok(Applied::default());
     }
+    apply(dp, &plan).await
+}
+
+/// Applies one peer's change (`None`: absent before, or after) without
+/// reading the kernel: the entries of the peer as it was are planned
+/// against the peer as it is. A kernel that drifted from the set is the
+/// periodic reconcile's to repair.
+pub async fn apply_change<D: Datapath>(
+    dp: &D,
+    before: Option<&Peer>,
+    after: Option<&Peer>,
+) -> Result<Applied, ReconcileError> {
+    let plan = plan(&desired_entries(before), &desired_entries(after));
+    apply(dp, &plan).await
+}
+
+async fn apply<D: Datapath>(dp: &D, plan: &Plan) -> Result<Applied, ReconcileError> {
     let mut applied = Applied::default();
     let mut failed = Vec::new();
     // Entries of one kind do not depend on each other: send them
@@ -128,7 +147,7 @@ pub async fn reconcile<D: Datapath>(dp: &D, peers: &PeerSet) -> Result<Applied, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{datapath::fake::RecordingDatapath, peers::Peer};
+    use crate::datapath::fake::RecordingDatapath;
 
     fn peer(name: &str, n: u8, mac: u8) -> Peer {
         Peer::parse(
@@ -144,6 +163,53 @@ mod tests {
         let mut s = PeerSet::default();
         s.reset(1, peers, "self");
         s
+    }
+
+    #[tokio::test]
+    async fn one_change_among_many_peers_costs_its_own_requests_and_no_read() {
+        let many: Vec<Peer> = (2..=200).map(|n| peer(&format!("n{n}"), n, n)).collect();
+        let mut s = set(many);
+        let dp = RecordingDatapath::default();
+        reconcile(&dp, &s).await.unwrap();
+        dp.take_calls();
+        let reads = *dp.reads.lock().unwrap();
+
+        // A new node: its three entries, FDB first.
+        let newcomer = peer("n201", 201, 201);
+        s.upsert(2, newcomer.clone(), "self").unwrap();
+        apply_change(&dp, None, s.get("n201")).await.unwrap();
+        assert_eq!(
+            dp.take_calls(),
+            [
+                "add fdb 02:00:00:00:00:c9 dst 198.51.100.201",
+                "add neighbour 10.244.201.0 lladdr 02:00:00:00:00:c9",
+                "add route 10.244.201.0/24 via 10.244.201.0 onlink",
+            ]
+        );
+        // It moves to another underlay: one FDB entry out, one in; the
+        // route and neighbour stay.
+        let before = s.get("n201").cloned();
+        let mut moved = newcomer.clone();
+        moved.underlay_ip = "203.0.113.201".parse().unwrap();
+        s.upsert(3, moved, "self").unwrap();
+        apply_change(&dp, before.as_ref(), s.get("n201"))
+            .await
+            .unwrap();
+        assert_eq!(
+            dp.take_calls(),
+            [
+                "remove fdb 02:00:00:00:00:c9 dst 198.51.100.201",
+                "add fdb 02:00:00:00:00:c9 dst 203.0.113.201",
+            ]
+        );
+        // Deleted: its three entries, route first.
+        let before = s.get("n201").cloned();
+        s.remove(4, "n201");
+        apply_change(&dp, before.as_ref(), None).await.unwrap();
+        assert_eq!(dp.take_calls().len(), 3);
+        assert_eq!(*dp.reads.lock().unwrap(), reads, "a change read the kernel");
+        // And the kernel equals the set, as a reconcile would leave it.
+        assert_eq!(*dp.entries.lock().unwrap(), desired_entries(s.peers()));
     }
 
     #[tokio::test]

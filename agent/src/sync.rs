@@ -1,5 +1,7 @@
 //! Peer sync: holds a WatchPeers stream to the server, folds its snapshots
-//! and changes into the [`PeerSet`], and reconciles the kernel after each.
+//! and changes into the [`PeerSet`], and brings the kernel along: a
+//! snapshot by a reconcile (dump, diff, apply), one peer's change by that
+//! change's few requests alone.
 //! A broken stream is reopened with backoff from the last applied revision,
 //! so the server sends only what was missed (or a snapshot, after which
 //! every Weft-owned entry not in it is removed). A periodic pass repairs
@@ -16,7 +18,7 @@ use crate::{
     datapath::Datapath,
     metrics::AgentMetrics,
     peers::{BadPeer, Peer, PeerSet},
-    reconcile::reconcile,
+    reconcile::{apply_change, reconcile},
 };
 
 /// How often the kernel is re-checked without any event.
@@ -118,13 +120,28 @@ impl<D: Datapath + 'static> PeerSync<D> {
                             msg = stream.message() => match msg {
                                 Ok(Some(event)) => {
                                     backoff.reset();
+                                    // One peer's change is applied as that
+                                    // change; a snapshot (a new stream) is
+                                    // reconciled against the kernel.
+                                    let changed = match &event.event {
+                                        Some(Event::Upsert(p)) => Some(p.node_name.clone()),
+                                        Some(Event::Delete(name)) => Some(name.clone()),
+                                        _ => None,
+                                    };
+                                    let before = changed.as_deref().and_then(|n| set.get(n).cloned());
                                     if let Err(bad) = apply_event(&mut set, &event, &self.node) {
                                         for e in bad {
                                             error!(error = %e, "peer not programmed");
                                         }
                                     }
                                     self.metrics.peers.set(i64::try_from(set.len()).unwrap_or(i64::MAX));
-                                    self.reconcile(&set, &synced).await;
+                                    match changed {
+                                        Some(name) if *synced.borrow() => {
+                                            let after = set.get(&name);
+                                            self.apply_change(&set, before.as_ref(), after, &synced).await;
+                                        }
+                                        _ => self.reconcile(&set, &synced).await,
+                                    }
                                 }
                                 Ok(None) => {
                                     warn!("server ended the peer stream; reconnecting");
@@ -143,6 +160,26 @@ impl<D: Datapath + 'static> PeerSync<D> {
             tokio::select! {
                 () = crate::sync::stopped(&mut stop) => return,
                 () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Applies one peer's change; if any of it fails, the whole set is
+    /// reconciled against the kernel instead.
+    async fn apply_change(
+        &self,
+        set: &PeerSet,
+        before: Option<&Peer>,
+        after: Option<&Peer>,
+        synced: &watch::Sender<bool>,
+    ) {
+        match apply_change(self.datapath.as_ref(), before, after).await {
+            Ok(applied) => self
+                .metrics
+                .count_reconcile("ok", applied.added + applied.removed),
+            Err(e) => {
+                warn!(error = %e, revision = set.revision(), "applying a peer change; reconciling every entry");
+                self.reconcile(set, synced).await;
             }
         }
     }

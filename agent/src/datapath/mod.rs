@@ -125,6 +125,8 @@ pub mod fake {
         pub mac: Mutex<Option<MacAddr>>,
         /// Entries whose add fails, to test error handling.
         pub failing: Mutex<BTreeSet<Entry>>,
+        /// How often the entries were read (a dump, in the kernel).
+        pub reads: Mutex<usize>,
     }
 
     impl RecordingDatapath {
@@ -184,6 +186,7 @@ pub mod fake {
         }
 
         async fn peer_entries(&self) -> Result<BTreeSet<Entry>> {
+            *self.reads.lock().unwrap() += 1;
             Ok(self.entries.lock().unwrap().clone())
         }
 
