@@ -386,8 +386,8 @@ impl PodNetwork {
     }
 
     /// Makes the veth pair in one request: the host end on the bridge and
-    /// up, the pod end inside the pod's namespace under its final name and
-    /// up (moving a device between namespaces waits for RCU grace periods,
+    /// up, the pod end inside the pod's namespace under its final name
+    /// (moving a device between namespaces waits for RCU grace periods,
     /// ~15 ms here; creating it there does not).
     async fn create_veth(
         &self,
