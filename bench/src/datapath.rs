@@ -1,6 +1,7 @@
 //! Benchmark 6 and the agent half of 7: TCP pod to pod across nodes
-//! against a hand-built kernel VXLAN and the bare underlay between the same
-//! kind of namespaces; agent memory idle and with thousands of peers.
+//! against the same pod/bridge/VXLAN shape built by hand, a hand-built
+//! kernel VXLAN and the bare underlay between the same kind of namespaces;
+//! agent memory idle and with thousands of peers.
 
 use std::{process::Command, time::Duration};
 
@@ -9,7 +10,7 @@ use serde_json::Value;
 
 use crate::{
     cluster::{Cluster, Env},
-    harness::{Fabric, Proc, in_ns, wait_until},
+    harness::{Fabric, Netns, Proc, in_ns, wait_until},
     report::{Figure, Report, Target},
 };
 
@@ -92,6 +93,14 @@ pub fn bench(env: &Env, report: &mut Report, secs: u64) -> anyhow::Result<()> {
             iperf(env, &h0.0, &h1.0, "198.51.100.2", secs)?,
         )
     };
+    let shaped = pod_shaped(env, secs)?;
+    report.push(Figure {
+        name: "TCP pod to pod across nodes, against the same shape built by hand".into(),
+        unit: "Gbit/s",
+        weft,
+        anchor: Some(("pod netns+veth+bridge+VXLAN by hand".into(), shaped)),
+        target: Some(Target::RatioAtLeast(1.0)),
+    });
     report.push(Figure {
         name: "TCP pod to pod across nodes".into(),
         unit: "Gbit/s",
@@ -107,6 +116,139 @@ pub fn bench(env: &Env, report: &mut Report, secs: u64) -> anyhow::Result<()> {
         target: None,
     });
     Ok(())
+}
+
+/// The shape Weft builds, by hand and without Weft: per node a pod
+/// namespace on a veth, a bridge holding the gateway, a VXLAN device with a
+/// static route, permanent neighbour and FDB entry for the other node, MTU
+/// 1450, forwarding on. What Weft adds over the kernel is the difference
+/// between this and Weft's figure.
+fn pod_shaped(env: &Env, secs: u64) -> anyhow::Result<f64> {
+    let mut fabric = Fabric::new("wbs-fabric")?;
+    let nodes = [
+        (
+            fabric.attach("wbs-0", "198.51.100.1")?,
+            Netns::new("wbs-pod0")?,
+        ),
+        (
+            fabric.attach("wbs-1", "198.51.100.2")?,
+            Netns::new("wbs-pod1")?,
+        ),
+    ];
+    for (i, (node, pod)) in nodes.iter().enumerate() {
+        let (me, other) = (201 + i, 202 - i);
+        let (local, remote) = (
+            format!("198.51.100.{}", i + 1),
+            format!("198.51.100.{}", 2 - i),
+        );
+        let (mac, other_mac) = (
+            format!("02:00:00:00:{me:02x}:01"),
+            format!("02:00:00:00:{other:02x}:01"),
+        );
+        let n = |args: &[&str]| in_ns(&node.0, args).map(drop);
+        n(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        n(&[
+            "ip",
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &local,
+            "dstport",
+            "4789",
+            "nolearning",
+            "dev",
+            "eth0",
+        ])?;
+        n(&[
+            "ip", "link", "set", "vx0", "address", &mac, "mtu", "1450", "up",
+        ])?;
+        n(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.244.{me}.0/32"),
+            "dev",
+            "vx0",
+        ])?;
+        n(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        n(&["ip", "link", "set", "br0", "mtu", "1450", "up"])?;
+        n(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.244.{me}.1/24"),
+            "dev",
+            "br0",
+        ])?;
+        n(&[
+            "ip", "link", "add", "h0", "mtu", "1450", "type", "veth", "peer", "name", "eth0",
+            "mtu", "1450", "netns", &pod.0,
+        ])?;
+        n(&["ip", "link", "set", "h0", "master", "br0", "up"])?;
+        n(&[
+            "bridge",
+            "fdb",
+            "add",
+            &other_mac,
+            "dev",
+            "vx0",
+            "dst",
+            &remote,
+            "self",
+            "permanent",
+        ])?;
+        n(&[
+            "ip",
+            "neigh",
+            "add",
+            &format!("10.244.{other}.0"),
+            "lladdr",
+            &other_mac,
+            "dev",
+            "vx0",
+            "nud",
+            "permanent",
+        ])?;
+        n(&[
+            "ip",
+            "route",
+            "add",
+            &format!("10.244.{other}.0/24"),
+            "via",
+            &format!("10.244.{other}.0"),
+            "dev",
+            "vx0",
+            "onlink",
+        ])?;
+        let p = |args: &[&str]| in_ns(&pod.0, args).map(drop);
+        p(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.244.{me}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
+        p(&["ip", "link", "set", "eth0", "up"])?;
+        p(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.244.{me}.1"),
+        ])?;
+    }
+    let (a, b) = (&nodes[0].1, &nodes[1].1);
+    wait_until("hand-built pod shape", Duration::from_secs(10), || {
+        in_ns(&a.0, &["ping", "-c1", "-W1", "10.244.202.2"]).is_ok()
+    })?;
+    iperf(env, &a.0, &b.0, "10.244.202.2", secs)
 }
 
 /// The agent's memory idle (no peers) and after programming `peers` peers.
