@@ -26,6 +26,20 @@ ctl_start() { # name
         -o "$(cat "$dir/$1/opts")" start >&2 || { cat "$dir/$1/postgres.log" >&2; exit 1; }
 }
 
+# Waits up to 10 s for one standby row of pg_stat_replication to match
+# WHERE (run on the primary), else fails saying WHAT.
+replication_is() { # port where what
+    local n=
+    for _ in $(seq 100); do
+        n=$(as_pg psql -At -h "$dir/primary/sock" -p "$1" -U postgres -d postgres \
+            -c "SELECT count(*) FROM pg_stat_replication WHERE $2")
+        [ "$n" = 1 ] && return 0
+        sleep 0.1
+    done
+    echo "$3" >&2
+    exit 1
+}
+
 case "$cmd" in
 start)
     pport=${3:?PRIMARY_PORT}
@@ -51,25 +65,13 @@ start)
         -d "host=$dir/primary/sock port=$pport user=postgres application_name=standby" >&2
     ctl_start standby
     # Streaming before anything is written that the test relies on.
-    for _ in $(seq 100); do
-        n=$(as_pg psql -At -h "$dir/primary/sock" -p "$pport" -U postgres -d postgres \
-            -c "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
-        [ "$n" = 1 ] && break
-        sleep 0.1
-    done
-    [ "$n" = 1 ] || { echo "the standby does not stream" >&2; exit 1; }
+    replication_is "$pport" "state = 'streaming'" "the standby does not stream"
     if [ "$mode" = sync ]; then
         # Set on the primary alone, after the base backup: the promoted
         # standby has no standby to wait for.
         as_pg psql -q -v ON_ERROR_STOP=1 -h "$dir/primary/sock" -p "$pport" -U postgres -d postgres \
             -c "ALTER SYSTEM SET synchronous_standby_names = '*'" -c "SELECT pg_reload_conf()" >&2
-        for _ in $(seq 100); do
-            n=$(as_pg psql -At -h "$dir/primary/sock" -p "$pport" -U postgres -d postgres \
-                -c "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'")
-            [ "$n" = 1 ] && break
-            sleep 0.1
-        done
-        [ "$n" = 1 ] || { echo "the standby is not synchronous" >&2; exit 1; }
+        replication_is "$pport" "sync_state = 'sync'" "the standby is not synchronous"
     fi
     echo "$dir/primary/sock"
     ;;

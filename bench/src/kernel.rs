@@ -69,26 +69,7 @@ pub async fn apply(mode: &str, count: usize) -> anyhow::Result<()> {
         "change" => return change(peers).await,
         "weft" => {
             let dp = NetlinkDatapath::connect()?;
-            let idx: u32 = std::fs::read_to_string("/sys/class/net/u0/ifindex")
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                // /sys belongs to the host under `ip netns exec` without a
-                // remount; ask netlink instead.
-                .unwrap_or_default();
-            let idx = if idx == 0 {
-                dp.underlay_named("u0", None).await?.ifindex
-            } else {
-                idx
-            };
-            dp.ensure_vtep(&VtepSpec {
-                vni: 1,
-                local: Ipv4Addr::new(198, 51, 100, 1),
-                underlay_ifindex: idx,
-                mtu: 1450,
-                mac: MacAddr::local_unicast([0xaa, 0, 0, 0, 1]),
-                address: Ipv4Addr::new(10, 244, 0, 0),
-            })
-            .await?;
+            vtep(&dp).await?;
             let mut set = PeerSet::default();
             let refused = set.reset(1, peers, "self");
             anyhow::ensure!(refused.is_empty(), "peers refused: {refused:?}");

@@ -215,7 +215,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             match self.reserve.release_and_hold(&key, !self.online(), true) {
                 Ok(Some(ip)) => {
                     info!(container_id = %key.0, ifname = %key.1, %ip, "released an address whose pod is gone (no DEL or GC came)");
-                    self.pods.flush_conntrack(&ip.to_string()).await;
+                    self.pods.flush_conntrack(ip).await;
                     self.reserve.let_go(ip);
                 }
                 Ok(None) => {}

@@ -351,15 +351,12 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
     #[instrument(skip_all, fields(container_id = %req.container_id, ifname = %req.ifname))]
     async fn del(&self, req: &CniRequest) -> Result<(), CniError> {
         // The pod's address, for the conntrack flush, if the book has none.
-        let mut address = self
-            .reserve
-            .binding(&key(req))
-            .map(|b| b.address.to_string());
+        let mut address = self.reserve.binding(&key(req)).map(|b| b.address);
         if address.is_none()
             && let Some(netns) = req.netns.as_deref().filter(|p| p.exists())
         {
             match self.pods.inspect(netns, &req.ifname).await {
-                Ok(side) => address = side.addresses.first().map(|a| a.addr().to_string()),
+                Ok(side) => address = side.addresses.first().map(|a| a.addr()),
                 Err(e) => {
                     warn!(error = %e, "cannot read the pod side; tearing down the host side only")
                 }
@@ -379,14 +376,14 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
             .release_and_hold(&key(req), !self.online(), true)
             .map_err(state_error)?;
         failpoint("del-after-release");
-        if let Some(ip) = released.map(|a| a.to_string()).or(address) {
+        if let Some(ip) = released.or(address) {
             info!(%ip, "pod unwired and released");
             // A conntrack flush walks the whole table (~10 ms here), so it
             // runs after the answer; the address is held from binds until
             // it is done, and a new pod never inherits the old one's flows.
             let (pods, reserve) = (self.pods.clone(), self.reserve.clone());
             tokio::spawn(async move {
-                pods.flush_conntrack(&ip).await;
+                pods.flush_conntrack(ip).await;
                 if let Some(a) = released {
                     reserve.let_go(a);
                 }
@@ -491,7 +488,7 @@ impl<I: Ipam, P: Pods> CniService<I, P> {
                 .release_and_hold(&k, !self.online(), true)
                 .map_err(state_error)?
             {
-                self.pods.flush_conntrack(&ip.to_string()).await;
+                self.pods.flush_conntrack(ip).await;
                 self.reserve.let_go(ip);
                 released += 1;
             }

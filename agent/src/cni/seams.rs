@@ -5,7 +5,7 @@
 //! aggregation, CHECK drift, GC selection) are unit-tested against the
 //! recording fakes in [`fake`] without root.
 
-use std::{collections::HashSet, future::Future, path::Path, time::Duration};
+use std::{collections::HashSet, future::Future, net::Ipv4Addr, path::Path, time::Duration};
 
 use tonic::{Request, Status, transport::Channel};
 use weft_proto::v1::{self as pb, ipam_client::IpamClient, topology_client::TopologyClient};
@@ -67,7 +67,7 @@ pub trait Pods: Clone + Send + Sync + 'static {
     fn host_veths(&self) -> impl Future<Output = Result<Vec<String>, PodError>> + Send;
     fn bridge_exists(&self) -> impl Future<Output = Result<bool, PodError>> + Send;
     /// Drops conntrack entries of a released address, best-effort.
-    fn flush_conntrack(&self, ip: &str) -> impl Future<Output = ()> + Send;
+    fn flush_conntrack(&self, ip: Ipv4Addr) -> impl Future<Output = ()> + Send;
 }
 
 fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {
@@ -171,17 +171,8 @@ impl Pods for PodNetwork {
         PodNetwork::bridge_exists(self).await
     }
 
-    async fn flush_conntrack(&self, ip: &str) {
-        flush_conntrack(ip).await
-    }
-}
-
-/// Drops conntrack entries of a released address, so a new pod that later
-/// gets it does not inherit flows. Best-effort.
-async fn flush_conntrack(ip: &str) {
-    match ip.parse() {
-        Ok(ip) => super::conntrack::flush(ip).await,
-        Err(e) => tracing::warn!(%ip, error = %e, "not an IPv4 address; conntrack not flushed"),
+    async fn flush_conntrack(&self, ip: Ipv4Addr) {
+        super::conntrack::flush(ip).await
     }
 }
 
@@ -368,7 +359,7 @@ pub mod fake {
             Ok(true)
         }
 
-        async fn flush_conntrack(&self, ip: &str) {
+        async fn flush_conntrack(&self, ip: Ipv4Addr) {
             self.call(format!("flush_conntrack {ip}"));
         }
     }

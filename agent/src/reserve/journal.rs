@@ -10,6 +10,7 @@ use std::{
     fs::{self, File, OpenOptions},
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -38,7 +39,7 @@ struct Snapshot {
 /// See [`Journal::durability`].
 #[derive(Debug)]
 pub struct Durable {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
 }
 
@@ -51,7 +52,9 @@ impl Durable {
 #[derive(Debug)]
 pub struct Journal {
     dir: PathBuf,
-    log: File,
+    /// Shared with [`Durable`] handles: waiting for the disk needs no
+    /// new descriptor per bind.
+    log: Arc<File>,
     lines: usize,
     seq: u64,
 }
@@ -138,7 +141,7 @@ impl Journal {
         Ok((
             Self {
                 dir: dir.to_owned(),
-                log,
+                log: Arc::new(log),
                 lines,
                 seq,
             },
@@ -155,7 +158,7 @@ impl Journal {
         };
         let mut bytes = serde_json::to_vec(&line).map_err(corrupt(&path))?;
         bytes.push(b'\n');
-        self.log.write_all(&bytes).map_err(io(&path))?;
+        (&*self.log).write_all(&bytes).map_err(io(&path))?;
         if durable {
             self.log.sync_data().map_err(io(&path))?;
         }
@@ -167,10 +170,11 @@ impl Journal {
     /// A handle to wait for the disk with after the caller let go of its
     /// lock: every append made before it is durable once [`Durable::sync`]
     /// returns, so concurrent appends share one flush.
-    pub fn durability(&self) -> Result<Durable, StateError> {
-        let path = self.dir.join(LOG);
-        let file = self.log.try_clone().map_err(io(&path))?;
-        Ok(Durable { file, path })
+    pub fn durability(&self) -> Durable {
+        Durable {
+            file: self.log.clone(),
+            path: self.dir.join(LOG),
+        }
     }
 
     /// Folds the log into the snapshot once it is long; `book` must be

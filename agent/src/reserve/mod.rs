@@ -108,7 +108,7 @@ impl Reserve {
             // address before that wait returns; if it fails, the binding
             // stays in the book unwired and reconcile releases it.
             Self::commit(&mut inner, &r, false)?;
-            let durable = inner.journal.durability()?;
+            let durable = inner.journal.durability();
             drop(inner);
             durable.sync()?;
             self.changed.notify_one();
