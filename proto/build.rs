@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     ]
     .map(|name| PathBuf::from(format!("proto/{name}.proto")));
     tonic_prost_build::configure()
+        .codec_path("crate::codec::WeftCodec")
         .file_descriptor_set_path(out.join("weft_descriptor.bin"))
         .compile_protos(&protos, &[PathBuf::from("proto"), include])?;
     // Printing any rerun-if line disables cargo's default scan, so name the

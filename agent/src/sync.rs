@@ -32,6 +32,47 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 pub use weft_plumbing::Backoff;
 
+/// Peers per snapshot page asked of the server: ~50 bytes each on the wire,
+/// so a page (~6 KiB) fits the 8 KiB encode buffer each stream keeps
+/// (`weft_proto::codec`), and a 5,000-node snapshot grows no buffer.
+pub const SNAPSHOT_PAGE_SIZE: u32 = 128;
+
+/// Gathers the pages of a snapshot into the one snapshot they make; one per
+/// stream.
+#[derive(Debug, Default)]
+pub struct SnapshotPages {
+    revision: u64,
+    peers: Vec<pb::Peer>,
+}
+
+impl SnapshotPages {
+    /// The event to apply: a change as it came, a snapshot once its last
+    /// page arrived, `None` while pages are still to come.
+    pub fn gather(&mut self, event: pb::PeerEvent) -> Option<pb::PeerEvent> {
+        let Some(Event::Snapshot(mut page)) = event.event else {
+            // Pages of one snapshot come together; a change cannot split
+            // them, so what was gathered is no snapshot.
+            self.peers.clear();
+            return Some(event);
+        };
+        if self.revision != event.revision {
+            self.peers.clear();
+            self.revision = event.revision;
+        }
+        self.peers.append(&mut page.peers);
+        if page.more {
+            return None;
+        }
+        Some(pb::PeerEvent {
+            revision: event.revision,
+            event: Some(Event::Snapshot(pb::PeerSnapshot {
+                peers: std::mem::take(&mut self.peers),
+                more: false,
+            })),
+        })
+    }
+}
+
 fn peer_from(p: &pb::Peer) -> Result<Peer, BadPeer> {
     Peer::parse(&p.node_name, &p.underlay_ip, &p.vtep_mac, &p.block)
 }
@@ -96,6 +137,7 @@ impl<D: Datapath + 'static> PeerSync<D> {
             let request = pb::WatchPeersRequest {
                 node_name: self.node.clone(),
                 since_revision: set.revision(),
+                snapshot_page_size: SNAPSHOT_PAGE_SIZE,
             };
             let opened = tokio::select! {
                 () = crate::sync::stopped(&mut stop) => return,
@@ -108,6 +150,7 @@ impl<D: Datapath + 'static> PeerSync<D> {
                 Ok(response) => {
                     info!(since = set.revision(), "watching peers");
                     let mut stream = response.into_inner();
+                    let mut pages = SnapshotPages::default();
                     loop {
                         tokio::select! {
                             () = crate::sync::stopped(&mut stop) => return,
@@ -120,6 +163,9 @@ impl<D: Datapath + 'static> PeerSync<D> {
                             msg = stream.message() => match msg {
                                 Ok(Some(event)) => {
                                     backoff.reset();
+                                    let Some(event) = pages.gather(event) else {
+                                        continue;
+                                    };
                                     // One peer's change is applied as that
                                     // change; a snapshot (a new stream) is
                                     // reconciled against the kernel.
@@ -227,6 +273,53 @@ mod tests {
         }
     }
 
+    fn page(revision: u64, peers: Vec<pb::Peer>, more: bool) -> pb::PeerEvent {
+        ev(revision, Event::Snapshot(pb::PeerSnapshot { peers, more }))
+    }
+
+    fn names(event: &pb::PeerEvent) -> Vec<&str> {
+        match &event.event {
+            Some(Event::Snapshot(s)) => s.peers.iter().map(|p| p.node_name.as_str()).collect(),
+            other => panic!("not a snapshot: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn snapshot_pages_are_applied_only_whole() {
+        let mut pages = SnapshotPages::default();
+        assert!(pages.gather(page(7, vec![pb_peer("a", 1)], true)).is_none());
+        assert!(pages.gather(page(7, vec![pb_peer("b", 2)], true)).is_none());
+        let whole = pages.gather(page(7, vec![pb_peer("c", 3)], false)).unwrap();
+        assert_eq!(whole.revision, 7);
+        assert_eq!(names(&whole), ["a", "b", "c"]);
+
+        // The next snapshot starts empty, even one with no peers at all.
+        let empty = pages.gather(page(9, Vec::new(), false)).unwrap();
+        assert!(names(&empty).is_empty());
+
+        // Pages of an unfinished snapshot never leak into a later one.
+        assert!(
+            pages
+                .gather(page(10, vec![pb_peer("x", 4)], true))
+                .is_none()
+        );
+        let whole = pages
+            .gather(page(12, vec![pb_peer("y", 5)], false))
+            .unwrap();
+        assert_eq!(names(&whole), ["y"]);
+        assert!(
+            pages
+                .gather(page(13, vec![pb_peer("x", 4)], true))
+                .is_none()
+        );
+        let change = pages.gather(ev(14, Event::Delete("a".into()))).unwrap();
+        assert_eq!(change.event, Some(Event::Delete("a".into())));
+        let whole = pages
+            .gather(page(15, vec![pb_peer("z", 6)], false))
+            .unwrap();
+        assert_eq!(names(&whole), ["z"]);
+    }
+
     #[test]
     fn events_fold_into_the_peer_set() {
         let mut set = PeerSet::default();
@@ -236,6 +329,7 @@ mod tests {
                 3,
                 Event::Snapshot(pb::PeerSnapshot {
                     peers: vec![pb_peer("a", 1), pb_peer("me", 9)],
+                    more: false,
                 }),
             ),
             "me",

@@ -4,7 +4,8 @@
 //! people, JSON for pipelines, always stderr); [`shutdown_signal`]
 //! (SIGTERM or SIGINT); [`ConfigErrors`] and [`Collect`] (validate every
 //! flag and report every mistake at once); [`Backoff`] (reconnects);
-//! [`read_file`] (PEM and other files, naming the path on failure).
+//! [`read_file`] (PEM and other files, naming the path on failure);
+//! [`raise_fd_limit`] (one descriptor per client connection).
 
 use std::{fmt, path::Path, time::Duration};
 
@@ -142,6 +143,19 @@ pub fn read_file(path: &Path) -> Result<String, FileError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// Raises the soft limit on open files to the hard limit and returns the
+/// limit in force. A server holds a socket per agent, and service managers
+/// commonly start daemons with a soft limit of 1024, far below a large
+/// cluster's node count.
+pub fn raise_fd_limit() -> Result<u64, nix::Error> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
 }
 
 #[cfg(test)]

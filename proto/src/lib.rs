@@ -5,6 +5,8 @@
 //! (operator queries). [`FILE_DESCRIPTOR_SET`] feeds server reflection so
 //! grpcurl can list and describe every service.
 
+pub mod codec;
+
 /// The server API, package `weft.v1`.
 pub mod v1 {
     #![allow(clippy::all, missing_debug_implementations)]

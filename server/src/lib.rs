@@ -308,6 +308,10 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         info!(listen = %config.listen, cluster_cidr = %config.layout.cidr(), "configuration is valid");
         return Ok(());
     }
+    match weft_plumbing::raise_fd_limit() {
+        Ok(limit) => info!(limit, "open file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open file limit"),
+    }
     let tls = match &config.tls {
         Some(files) => {
             let read = |p: &std::path::Path| {

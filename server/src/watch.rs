@@ -4,8 +4,20 @@
 //! over a bounded broadcast channel. Each watch stream is its own task: a
 //! slow client only blocks itself, and when it falls further behind than the
 //! channel holds it gets a fresh snapshot instead of an ever-growing queue.
+//!
+//! At thousands of watchers the expensive moments are storms: every agent
+//! reconnecting after a restart, or resyncing at once. The feed keeps the
+//! revision it has fanned out and the last snapshot it read, so a watcher
+//! resuming at that revision costs no query and a snapshot is read once for
+//! all who ask for it at the same time.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -23,11 +35,45 @@ const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// What a watcher receives, already filtered for its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchMessage {
-    Snapshot {
-        revision: u64,
-        peers: Vec<PeerRecord>,
-    },
+    Snapshot { revision: u64, peers: SnapshotPeers },
     Change(TopologyEvent),
+}
+
+/// Every peer of a snapshot but the watcher's own node, over one copy of
+/// the snapshot shared by all watchers that read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPeers {
+    all: Arc<Vec<PeerRecord>>,
+    except: String,
+}
+
+impl SnapshotPeers {
+    pub fn new(all: Arc<Vec<PeerRecord>>, except: impl Into<String>) -> Self {
+        Self {
+            all,
+            except: except.into(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PeerRecord> {
+        self.all.iter().filter(|p| p.node_name != self.except)
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The peers by value, copied one at a time as they are taken.
+    pub fn into_owned(self) -> impl Iterator<Item = PeerRecord> + Send {
+        (0..self.all.len()).filter_map(move |i| {
+            let p = &self.all[i];
+            (p.node_name != self.except).then(|| p.clone())
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +94,13 @@ pub struct PeerFeed {
 struct Inner {
     tx: broadcast::Sender<FeedItem>,
     wake: Notify,
+    /// The newest revision fanned out, stored before its event is sent: a
+    /// watcher that subscribed and then reads `n` receives every event
+    /// after `n` from the channel.
+    revision: AtomicU64,
+    /// The last snapshot read and its revision. The lock is held while a
+    /// snapshot is read, so concurrent watchers wait for one query.
+    snapshot: tokio::sync::Mutex<Option<(u64, Arc<Vec<PeerRecord>>)>>,
 }
 
 // === impl PeerFeed ===
@@ -61,6 +114,8 @@ impl PeerFeed {
             inner: Arc::new(Inner {
                 tx,
                 wake: Notify::new(),
+                revision: AtomicU64::new(revision),
+                snapshot: tokio::sync::Mutex::new(None),
             }),
         };
         tokio::spawn(feed.clone().run(store, revision));
@@ -108,6 +163,7 @@ impl PeerFeed {
                         let full = events.len() >= crate::store::MAX_REPLAY as usize;
                         for event in events {
                             last = event.revision;
+                            self.inner.revision.store(last, Ordering::SeqCst);
                             // No receivers is fine: the revision still advances.
                             let _ = self.inner.tx.send(FeedItem::Event(Arc::new(event)));
                         }
@@ -130,6 +186,11 @@ impl PeerFeed {
                         Ok(rev) => last = rev,
                         Err(e) => warn!(error = %e, "reading topology revision"),
                     }
+                    // The history may have gone backwards (a failover that
+                    // lost commits): the cached snapshot may hold what the
+                    // database no longer has.
+                    *self.inner.snapshot.lock().await = None;
+                    self.inner.revision.store(last, Ordering::SeqCst);
                     let _ = self.inner.tx.send(FeedItem::Resync);
                 }
                 Err(e) => warn!(error = %e, "reading topology events"),
@@ -149,7 +210,7 @@ impl PeerFeed {
         // Subscribe before reading the database, so nothing committed in
         // between is missed; duplicates are dropped by revision below.
         let mut rx = self.inner.tx.subscribe();
-        let mut last = match catch_up(&store, &node, since, &out).await {
+        let mut last = match self.catch_up(&store, &node, since, &out).await {
             Some(rev) => rev,
             None => return,
         };
@@ -176,12 +237,12 @@ impl PeerFeed {
                 }
                 // A gap means this watcher raced the feed; read it from the
                 // database instead of guessing.
-                Ok(FeedItem::Event(_)) => catch_up(&store, &node, last, &out).await,
+                Ok(FeedItem::Event(_)) => self.catch_up(&store, &node, last, &out).await,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     debug!(%node, skipped = n, "slow watcher fell behind; sending a snapshot");
-                    catch_up(&store, &node, 0, &out).await
+                    self.catch_up(&store, &node, 0, &out).await
                 }
-                Ok(FeedItem::Resync) => catch_up(&store, &node, 0, &out).await,
+                Ok(FeedItem::Resync) => self.catch_up(&store, &node, 0, &out).await,
                 Err(broadcast::error::RecvError::Closed) => return,
             };
             match next {
@@ -189,6 +250,72 @@ impl PeerFeed {
                 None => return,
             }
         }
+    }
+
+    /// Sends what the watcher missed after `since`, or a snapshot when that is
+    /// not available (or `since` is 0). Returns the revision reached, or `None`
+    /// when the stream is over.
+    async fn catch_up(
+        &self,
+        store: &Store,
+        node: &str,
+        since: u64,
+        out: &mpsc::Sender<Result<WatchMessage, StoreError>>,
+    ) -> Option<u64> {
+        if since > 0 {
+            // Resuming where the feed stands: nothing to replay, and the
+            // channel brings everything after (see `Inner::revision`).
+            if since == self.inner.revision.load(Ordering::SeqCst) {
+                return Some(since);
+            }
+            match store.events_since(since).await {
+                Ok(Some(events)) => {
+                    let mut last = since;
+                    for event in events {
+                        last = event.revision;
+                        if event.change.node_name() == node {
+                            continue;
+                        }
+                        out.send(Ok(WatchMessage::Change(event))).await.ok()?;
+                    }
+                    return Some(last);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = out.send(Err(e)).await;
+                    return None;
+                }
+            }
+        }
+        match self.snapshot(store).await {
+            Ok((revision, all)) => {
+                let peers = SnapshotPeers::new(all, node);
+                out.send(Ok(WatchMessage::Snapshot { revision, peers }))
+                    .await
+                    .ok()?;
+                Some(revision)
+            }
+            Err(e) => {
+                let _ = out.send(Err(e)).await;
+                None
+            }
+        }
+    }
+
+    /// A snapshot at least as new as what the feed has fanned out: any such
+    /// snapshot is consistent, and the channel brings what follows it.
+    async fn snapshot(&self, store: &Store) -> Result<(u64, Arc<Vec<PeerRecord>>), StoreError> {
+        let mut cache = self.inner.snapshot.lock().await;
+        let fed = self.inner.revision.load(Ordering::SeqCst);
+        if let Some((revision, peers)) = cache.as_ref()
+            && *revision >= fed
+        {
+            return Ok((*revision, peers.clone()));
+        }
+        let (revision, peers) = store.peer_snapshot().await?;
+        let peers = Arc::new(peers);
+        *cache = Some((revision, peers.clone()));
+        Ok((revision, peers))
     }
 }
 
@@ -202,48 +329,4 @@ async fn listen(store: &Store) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(&own).await?;
     listener.listen(TOPOLOGY_CHANNEL).await?;
     Ok(listener)
-}
-
-/// Sends what the watcher missed after `since`, or a snapshot when that is
-/// not available (or `since` is 0). Returns the revision reached, or `None`
-/// when the stream is over.
-async fn catch_up(
-    store: &Store,
-    node: &str,
-    since: u64,
-    out: &mpsc::Sender<Result<WatchMessage, StoreError>>,
-) -> Option<u64> {
-    if since > 0 {
-        match store.events_since(since).await {
-            Ok(Some(events)) => {
-                let mut last = since;
-                for event in events {
-                    last = event.revision;
-                    if event.change.node_name() == node {
-                        continue;
-                    }
-                    out.send(Ok(WatchMessage::Change(event))).await.ok()?;
-                }
-                return Some(last);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = out.send(Err(e)).await;
-                return None;
-            }
-        }
-    }
-    match store.peer_snapshot().await {
-        Ok((revision, peers)) => {
-            let peers = peers.into_iter().filter(|p| p.node_name != node).collect();
-            out.send(Ok(WatchMessage::Snapshot { revision, peers }))
-                .await
-                .ok()?;
-            Some(revision)
-        }
-        Err(e) => {
-            let _ = out.send(Err(e)).await;
-            None
-        }
-    }
 }

@@ -250,6 +250,7 @@ async fn watch_slots_of_connections_dropped_without_fin_come_back(pool: PgPool) 
             .watch_peers(pb::WatchPeersRequest {
                 node_name: "node-a".into(),
                 since_revision: 0,
+                snapshot_page_size: 0,
             })
             .await
             .unwrap()
@@ -262,6 +263,7 @@ async fn watch_slots_of_connections_dropped_without_fin_come_back(pool: PgPool) 
             .watch_peers(pb::WatchPeersRequest {
                 node_name: "node-a".into(),
                 since_revision: 0,
+                snapshot_page_size: 0,
             })
             .await
     };

@@ -111,6 +111,7 @@ async fn a_node_certificate_acts_only_for_its_own_node(pool: PgPool) {
         topo.watch_peers(pb::WatchPeersRequest {
             node_name: "node-b".into(),
             since_revision: 0,
+            snapshot_page_size: 0,
         })
         .await,
         "WatchPeers as B",

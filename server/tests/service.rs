@@ -374,6 +374,7 @@ async fn a_node_may_hold_only_a_few_watch_streams(pool: PgPool) {
         .watch_peers(weft_proto::v1::WatchPeersRequest {
             node_name: "node-x".into(),
             since_revision: 0,
+            snapshot_page_size: 0,
         })
         .await
         .unwrap_err();
@@ -389,6 +390,7 @@ async fn a_node_may_hold_only_a_few_watch_streams(pool: PgPool) {
             .watch_peers(weft_proto::v1::WatchPeersRequest {
                 node_name: "node-x".into(),
                 since_revision: 0,
+                snapshot_page_size: 0,
             })
             .await
         {

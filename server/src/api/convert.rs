@@ -85,21 +85,41 @@ pub(super) fn audit_pb(a: AuditRecord) -> pb::AuditEntry {
     }
 }
 
-pub(super) fn watch_pb(m: WatchMessage) -> pb::PeerEvent {
+/// One watch message as the events the client asked for: a snapshot in
+/// pages of at most `page` peers (0: one message), built page by page as
+/// the stream is read, so no stream holds the whole snapshot encoded.
+pub(super) fn watch_events(
+    m: WatchMessage,
+    page: usize,
+) -> Box<dyn Iterator<Item = pb::PeerEvent> + Send> {
     use pb::peer_event::Event;
-    match m {
-        WatchMessage::Snapshot { revision, peers } => pb::PeerEvent {
+    let (revision, peers) = match m {
+        WatchMessage::Change(e) => {
+            return Box::new(std::iter::once(pb::PeerEvent {
+                revision: e.revision,
+                event: Some(match e.change {
+                    TopologyChange::Upsert(p) => Event::Upsert(peer_pb(p)),
+                    TopologyChange::Delete(name) => Event::Delete(name),
+                }),
+            }));
+        }
+        WatchMessage::Snapshot { revision, peers } => (revision, peers),
+    };
+    let page = if page == 0 { usize::MAX } else { page };
+    let mut rest = peers.into_owned().peekable();
+    let mut first = true;
+    Box::new(std::iter::from_fn(move || {
+        // An empty snapshot is still one message.
+        if !std::mem::take(&mut first) && rest.peek().is_none() {
+            return None;
+        }
+        let peers = rest.by_ref().take(page).map(peer_pb).collect();
+        Some(pb::PeerEvent {
             revision,
             event: Some(Event::Snapshot(pb::PeerSnapshot {
-                peers: peers.into_iter().map(peer_pb).collect(),
+                peers,
+                more: rest.peek().is_some(),
             })),
-        },
-        WatchMessage::Change(e) => pb::PeerEvent {
-            revision: e.revision,
-            event: Some(match e.change {
-                TopologyChange::Upsert(p) => Event::Upsert(peer_pb(p)),
-                TopologyChange::Delete(name) => Event::Delete(name),
-            }),
-        },
-    }
+        })
+    }))
 }

@@ -3,8 +3,9 @@
 use std::pin::Pin;
 
 use futures::Stream;
+use futures::StreamExt as _;
 use tokio::sync::mpsc;
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 use weft_core::domain::{MacAddr, NodeName, UnderlayIp};
@@ -13,7 +14,7 @@ use weft_proto::v1::{self as pb, topology_server::Topology};
 use super::{
     MAX_STREAMS_PER_NODE, Services, StreamSlot,
     check::{check, status_from},
-    convert::watch_pb,
+    convert::watch_events,
 };
 use crate::{store::StoreError, watch::STREAM_BUFFER};
 
@@ -107,7 +108,14 @@ impl Topology for Services {
             drop(slot);
             info!(%node, "watcher gone");
         });
-        let stream = ReceiverStream::new(rx).map(|m| m.map(watch_pb).map_err(status_from));
+        let page = usize::try_from(req.snapshot_page_size).unwrap_or(usize::MAX);
+        let stream = ReceiverStream::new(rx).flat_map(move |m| {
+            let events: Box<dyn Iterator<Item = Result<pb::PeerEvent, Status>> + Send> = match m {
+                Ok(m) => Box::new(watch_events(m, page).map(Ok)),
+                Err(e) => Box::new(std::iter::once(Err(status_from(e)))),
+            };
+            futures::stream::iter(events)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -172,6 +172,7 @@ pub async fn watch(ts: &TestServer, node: &str, since: u64) -> tonic::Streaming<
         .watch_peers(pb::WatchPeersRequest {
             node_name: node.into(),
             since_revision: since,
+            snapshot_page_size: 0,
         })
         .await
         .unwrap()
