@@ -53,14 +53,14 @@ async fn server(url: &str, layout: ClusterLayout) -> anyhow::Result<(RunningServ
     Ok((s, pool))
 }
 
-async fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+pub async fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect()
         .await?)
 }
 
-fn register_req(name: &str, i: u32) -> pb::RegisterNodeRequest {
+pub fn register_req(name: &str, i: u32) -> pb::RegisterNodeRequest {
     pb::RegisterNodeRequest {
         node_name: name.to_owned(),
         // Underlay addresses are unique per node; these are only data (no
@@ -230,6 +230,7 @@ pub async fn propagation(
                     .watch_peers(pb::WatchPeersRequest {
                         node_name: format!("watcher{w}"),
                         since_revision: 0,
+                        snapshot_page_size: 0,
                     })
                     .await?
                     .into_inner();
@@ -281,6 +282,7 @@ pub async fn propagation(
         .watch_peers(pb::WatchPeersRequest {
             node_name: "fresh".into(),
             since_revision: 0,
+            snapshot_page_size: 0,
         })
         .await?
         .into_inner();
@@ -301,24 +303,18 @@ pub async fn propagation(
     Ok(())
 }
 
-/// The server process's memory with `peers` nodes and `allocations`
-/// allocations in its database, idle and while watchers pull the full
-/// snapshot and operators list everything.
-pub async fn server_footprint(
-    env: &Env,
-    report: &mut Report,
-    peers: u32,
-    allocations: u32,
-) -> anyhow::Result<()> {
-    let url = env.database("bench_footprint")?;
+/// Migrates `url` and fills it as a cluster of `nodes` nodes (/24 blocks of
+/// 10.0.0.0/8, as [`spawn_server`] runs it) holding `allocations` pods
+/// spread evenly, in two statements.
+pub fn seed(env: &Env, url: &str, nodes: u32, allocations: u32) -> anyhow::Result<()> {
     crate::harness::run(
         Command::new(env.bin.join("weft-server"))
             .args(["migrate", "--log", "warn"])
-            .env("DATABASE_URL", &url),
+            .env("DATABASE_URL", url),
     )?;
-    let per_node = allocations.div_ceil(peers).max(1);
+    let per_node = allocations.div_ceil(nodes).max(1);
     crate::harness::run(Command::new("psql").args([
-        &url,
+        url,
         "-q",
         "-c",
         &format!(
@@ -328,7 +324,7 @@ pub async fn server_footprint(
                        || ':' || lpad(to_hex(i % 256), 2, '0') || ':01')::macaddr,
                     i, set_masklen('10.0.0.0'::inet + i * 256, 24)::cidr
              FROM generate_series(0, {}) i",
-            peers - 1
+            nodes - 1
         ),
         "-c",
         &format!(
@@ -339,13 +335,27 @@ pub async fn server_footprint(
             per_node + 1
         ),
     ]))?;
-    let url = url.as_str();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mport = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    Ok(())
+}
+
+/// A weft-server process on the database [`seed`] filled, on `port` (a
+/// free one when `None`, so a restart can take the same again).
+pub fn spawn_server(
+    env: &Env,
+    url: &str,
+    port: Option<u16>,
+    log: &str,
+) -> anyhow::Result<(Proc, std::net::SocketAddr)> {
+    let free = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let port = match port {
+        Some(p) => p,
+        None => free()?,
+    };
+    let mport = free()?;
     let proc = Proc::spawn(
         Command::new(env.bin.join("weft-server"))
             .args([
@@ -364,17 +374,35 @@ pub async fn server_footprint(
                 "--insecure-plaintext",
             ])
             .env("DATABASE_URL", url),
-        &env.dir.join("footprint-server.log"),
+        &env.dir.join(log),
     )?;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let mut ch = None;
+    Ok((proc, format!("127.0.0.1:{port}").parse()?))
+}
+
+/// A channel once the server at `addr` accepts connections (15 s at most).
+pub async fn connect_when_up(addr: std::net::SocketAddr) -> Option<Channel> {
     for _ in 0..300 {
         if let Ok(c) = channel(addr).await {
-            ch = Some(c);
-            break;
+            return Some(c);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    None
+}
+
+/// The server process's memory with `peers` nodes and `allocations`
+/// allocations in its database, idle and while watchers pull the full
+/// snapshot and operators list everything.
+pub async fn server_footprint(
+    env: &Env,
+    report: &mut Report,
+    peers: u32,
+    allocations: u32,
+) -> anyhow::Result<()> {
+    let url = env.database("bench_footprint")?;
+    seed(env, &url, peers, allocations)?;
+    let (proc, addr) = spawn_server(env, &url, None, "footprint-server.log")?;
+    let ch = connect_when_up(addr).await;
     let ch = ch.context("footprint server did not start")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (idle, _) = proc.rss_mib();
@@ -387,6 +415,7 @@ pub async fn server_footprint(
             .watch_peers(pb::WatchPeersRequest {
                 node_name: format!("w{w}"),
                 since_revision: 0,
+                snapshot_page_size: 0,
             })
             .await?
             .into_inner();

@@ -12,6 +12,7 @@ mod datapath;
 mod harness;
 mod kernel;
 mod report;
+mod scale;
 
 use std::{io::Write, path::PathBuf, time::Instant};
 
@@ -46,7 +47,7 @@ enum Cmd {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
         /// Run only these sections (comma-separated: cni, ipam, propagation,
-        /// kernel, datapath, footprint, plugin); all when absent.
+        /// kernel, datapath, footprint, scale, plugin); all when absent.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -103,6 +104,8 @@ async fn run(
     only: &[String],
 ) -> anyhow::Result<()> {
     let wanted = |section: &str| only.is_empty() || only.iter().any(|s| s == section);
+    // The scale section holds a connection per simulated agent.
+    weft_plumbing::raise_fd_limit().context("raising the open file limit")?;
     let bin = std::env::current_exe()?
         .parent()
         .context("binary directory")?
@@ -116,11 +119,14 @@ async fn run(
         dir: dir.clone(),
     };
     // (pods, burst, IPAM seconds, watchers, snapshot peers, kernel peers,
-    // iperf seconds, footprint peers, footprint allocations)
+    // iperf seconds, footprint peers, footprint allocations, scale nodes,
+    // scale allocations)
     let n = if quick {
-        (10, 20, 1, 100, 200, 500, 1, 500, 5_000)
+        (10, 20, 1, 100, 200, 500, 1, 500, 5_000, 200, 6_000)
     } else {
-        (50, 100, 10, 1_000, 5_000, 5_000, 5, 5_000, 100_000)
+        (
+            50, 100, 10, 1_000, 5_000, 5_000, 5, 5_000, 100_000, 5_000, 150_000,
+        )
     };
     let mut report = report::Report::default();
     let start = Instant::now();
@@ -150,6 +156,10 @@ async fn run(
         log("footprint");
         control::server_footprint(&env, &mut report, n.7, n.8).await?;
         datapath::agent_footprint(&env, &mut report, n.7)?;
+    }
+    if wanted("scale") {
+        log("5,000 nodes against two replicas");
+        scale::bench(&env, &mut report, n.9, n.10).await?;
     }
     if wanted("plugin") {
         plugin(&env, &mut report)?;
