@@ -256,14 +256,29 @@ pub fn agent_footprint(env: &Env, report: &mut Report, peers: u32) -> anyhow::Re
     let mut c = Cluster::start(env, "wbf", 1, 29)?;
     std::thread::sleep(Duration::from_millis(500));
     let (idle, _) = c.agents[0].rss_mib();
+    // Written as the server writes a node's registration (row, revision,
+    // topology event) so the server's feed and its snapshot cache see them.
     c.sql(&format!(
-        "INSERT INTO nodes (name, underlay_ip, vtep_mac, block_index, block)
+        "BEGIN;
+         INSERT INTO nodes (name, underlay_ip, vtep_mac, block_index, block)
          SELECT 'ghost' || i, '198.18.0.0'::inet + i,
                 ('02:00:' || lpad(to_hex(i / 65536 % 256), 2, '0') || ':' || lpad(to_hex(i / 256 % 256), 2, '0')
                    || ':' || lpad(to_hex(i % 256), 2, '0') || ':01')::macaddr,
                 i, set_masklen('10.244.0.0'::inet + i * 8, 29)::cidr
-         FROM generate_series(1, {peers}) i"
+         FROM generate_series(1, {peers}) i;
+         INSERT INTO topology_events (revision, node_name, kind, underlay_ip, vtep_mac, block)
+         SELECT r.revision + n.i, n.name, 'upsert', n.underlay_ip, n.vtep_mac, n.block
+         FROM topology_revision r,
+              (SELECT row_number() OVER (ORDER BY block_index) AS i, * FROM nodes
+               WHERE name LIKE 'ghost%') n;
+         UPDATE topology_revision SET revision = revision + {peers};
+         COMMIT;
+         NOTIFY {};",
+        weft_server::store::TOPOLOGY_CHANNEL
     ))?;
+    // The feed reads them in pages of 1,024 once notified; give it that
+    // before the restarted agent asks for its snapshot.
+    std::thread::sleep(Duration::from_secs(1));
     // A restarted agent gets them all in one snapshot.
     c.agents.clear();
     c.restart_agent(env, 0)?;
