@@ -23,7 +23,7 @@ use weft_server::{RunningServer, ServerSettings, store::MIGRATOR};
 
 use crate::{
     cluster::Env,
-    harness::{Latency, Proc},
+    harness::{Latency, Proc, wait_until_async},
     report::{Figure, Report, Target},
 };
 
@@ -249,9 +249,10 @@ pub async fn propagation(
             })
         })
         .collect();
-    while ready.load(Ordering::SeqCst) < watchers as u64 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_async("every watcher's snapshot", Duration::from_secs(120), || {
+        ready.load(Ordering::SeqCst) >= watchers as u64
+    })
+    .await?;
     let t0 = Instant::now();
     go_tx.send_replace(Some(t0));
     TopologyClient::new(ch.clone())
@@ -402,8 +403,9 @@ pub async fn server_footprint(
     let url = env.database("bench_footprint")?;
     seed(env, &url, peers, allocations)?;
     let (proc, addr) = spawn_server(env, &url, None, "footprint-server.log")?;
-    let ch = connect_when_up(addr).await;
-    let ch = ch.context("footprint server did not start")?;
+    let ch = connect_when_up(addr)
+        .await
+        .context("footprint server did not start")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (idle, _) = proc.rss_mib();
 

@@ -1,7 +1,24 @@
 //! Latency statistics; the namespace and process helpers the benchmarks
 //! share with the tests live in weft-testbed.
 
+use std::time::{Duration, Instant};
+
 pub use weft_testbed::process::*;
+
+/// [`wait_until`] for async code: sleeps on the runtime, not the thread,
+/// so the tasks being waited on keep running.
+pub async fn wait_until_async(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !done() {
+        anyhow::ensure!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
 
 /// p50/p90/p99/max of a sample, in milliseconds.
 #[derive(Debug, Clone, Copy)]

@@ -22,7 +22,7 @@ use weft_proto::v1::{self as pb, peer_event::Event, topology_client::TopologyCli
 use crate::{
     cluster::Env,
     control::{channel, connect_when_up, register_req, seed, spawn_server},
-    harness::Latency,
+    harness::{Latency, wait_until_async},
     report::{Figure, Report, Target},
 };
 
@@ -112,19 +112,6 @@ async fn arrivals_of(
     Ok(samples)
 }
 
-async fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut done: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !done() {
-        anyhow::ensure!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
-}
-
 pub async fn bench(
     env: &Env,
     report: &mut Report,
@@ -165,7 +152,7 @@ pub async fn bench(
         })
         .collect();
     let all = u64::from(nodes);
-    wait_for("every watcher's snapshot", Duration::from_secs(600), || {
+    wait_until_async("every watcher's snapshot", Duration::from_secs(600), || {
         shared.snapshots.load(Ordering::SeqCst) >= all
     })
     .await?;
@@ -217,7 +204,7 @@ pub async fn bench(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    wait_for(
+    wait_until_async(
         "replica b's watchers to resume",
         Duration::from_secs(60),
         || shared.opened.load(Ordering::SeqCst) >= opened_before + on_b,

@@ -145,8 +145,7 @@ pub fn read_file(path: &Path) -> Result<String, FileError> {
     })
 }
 
-/// Raises the soft limit on open files to the hard limit and returns the
-/// limit in force. A server holds a socket per agent, and service managers
+/// Raises the soft limit on open files to the hard limit and returns it. A server holds a socket per agent, and service managers
 /// commonly start daemons with a soft limit of 1024, far below a large
 /// cluster's node count.
 pub fn raise_fd_limit() -> Result<u64, nix::Error> {
@@ -155,7 +154,7 @@ pub fn raise_fd_limit() -> Result<u64, nix::Error> {
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    Ok(hard.max(soft))
+    Ok(hard)
 }
 
 #[cfg(test)]

@@ -56,23 +56,19 @@ impl SnapshotPeers {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &PeerRecord> {
-        self.all.iter().filter(|p| p.node_name != self.except)
-    }
-
-    pub fn len(&self) -> usize {
-        self.iter().count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.all.iter().filter(|p| self.keeps(p))
     }
 
     /// The peers by value, copied one at a time as they are taken.
     pub fn into_owned(self) -> impl Iterator<Item = PeerRecord> + Send {
         (0..self.all.len()).filter_map(move |i| {
             let p = &self.all[i];
-            (p.node_name != self.except).then(|| p.clone())
+            self.keeps(p).then(|| p.clone())
         })
+    }
+
+    fn keeps(&self, p: &PeerRecord) -> bool {
+        p.node_name != self.except
     }
 }
 
