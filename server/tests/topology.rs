@@ -299,6 +299,63 @@ async fn watchers_resuming_or_starting_together_miss_no_change(pool: PgPool) {
     assert_eq!(names, ["node-a", "node-b"]);
 }
 
+/// A failover that lost the newest commits takes the history backwards; the
+/// feed resyncs its watchers, and the snapshot it cached before must not be
+/// what they are sent.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn after_the_history_went_backwards_no_watcher_gets_the_cached_snapshot(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    ts.register("node-a", 1).await;
+    ts.register("node-b", 2).await;
+    let mut watcher = watch(&ts, "node-x", 0).await;
+    let ev = next_event(&mut watcher).await;
+    let names: Vec<String> = snapshot_peers(&ev)
+        .into_iter()
+        .map(|p| p.node_name)
+        .collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+    let lost = ev.revision;
+
+    // As the promoted standby has it: node-b's registration never happened.
+    let lost_i = i64::try_from(lost).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("DELETE FROM nodes WHERE name = 'node-b'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM topology_events WHERE revision = $1")
+        .bind(lost_i)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE topology_revision SET revision = $1 - 1")
+        .bind(lost_i)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(weft_server::store::TOPOLOGY_CHANNEL)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let ev = next_event(&mut watcher).await;
+    assert_eq!(ev.revision, lost - 1, "the watcher was resynced");
+    let names: Vec<String> = snapshot_peers(&ev)
+        .into_iter()
+        .map(|p| p.node_name)
+        .collect();
+    assert_eq!(names, ["node-a"]);
+    let mut fresh = watch(&ts, "node-y", 0).await;
+    let ev = next_event(&mut fresh).await;
+    let names: Vec<String> = snapshot_peers(&ev)
+        .into_iter()
+        .map(|p| p.node_name)
+        .collect();
+    assert_eq!((ev.revision, names), (lost - 1, vec!["node-a".to_owned()]));
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn a_snapshot_comes_in_the_pages_asked_for(pool: PgPool) {
     let ts = start(pool).await;
