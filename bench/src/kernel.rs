@@ -344,7 +344,7 @@ pub fn bench(report: &mut Report, count: usize) -> anyhow::Result<()> {
         unit: "ms",
         weft,
         anchor: Some(("ip -batch + bridge -batch".into(), batch)),
-        target: Some(Target::RatioAtMost(1.2)),
+        target: Some(Target::RatioAtMost(1.0)),
     });
     Ok(())
 }

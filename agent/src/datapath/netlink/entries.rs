@@ -138,7 +138,9 @@ impl NetlinkDatapath {
             .vxlan_index()
             .await?
             .ok_or_else(|| DatapathError::Other(format!("{VXLAN_NAME} does not exist")))?;
-        let op = format!("adding {entry}");
+        // The operation's text is built only for an error: this runs once
+        // per entry, 15,000 times for a 5,000-node snapshot.
+        let op = || format!("adding {entry}");
         let result = match *entry {
             Entry::Route { block, via } => {
                 self.handle
@@ -174,9 +176,9 @@ impl NetlinkDatapath {
             Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
             Err(e) if errno(&e) == Some(ENODEV) => {
                 self.forget_vxlan();
-                Err(DatapathError::netlink(op)(e))
+                Err(DatapathError::netlink(op())(e))
             }
-            other => other.map_err(DatapathError::netlink(op)),
+            other => other.map_err(|e| DatapathError::netlink(op())(e)),
         }
     }
 
@@ -184,7 +186,7 @@ impl NetlinkDatapath {
         let Some(index) = self.vxlan_index().await? else {
             return Ok(());
         };
-        let op = format!("removing {entry}");
+        let op = || format!("removing {entry}");
         let result = match *entry {
             Entry::Route { block, via } => {
                 // A stray may carry any protocol or scope; on delete the
@@ -213,9 +215,9 @@ impl NetlinkDatapath {
             Err(e) if matches!(errno(&e), Some(ENOENT | ESRCH)) => Ok(()),
             Err(e) if errno(&e) == Some(ENODEV) => {
                 self.forget_vxlan();
-                Err(DatapathError::netlink(op)(e))
+                Err(DatapathError::netlink(op())(e))
             }
-            other => other.map_err(DatapathError::netlink(op)),
+            other => other.map_err(|e| DatapathError::netlink(op())(e)),
         }
     }
 }
