@@ -180,6 +180,17 @@ fn drive(
     })
 }
 
+/// Waits until the server has reserved at least `want` addresses for the
+/// cluster's nodes.
+fn wait_for_reserve(c: &Cluster, want: usize) -> anyhow::Result<()> {
+    crate::harness::wait_until("a full reserve", std::time::Duration::from_secs(20), || {
+        c.sql("SELECT count(*) FROM allocations WHERE state = 'reserved'")
+            .ok()
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .is_some_and(|n| n >= want)
+    })
+}
+
 fn reference_conf(dir: &Path, tag: &str) -> String {
     json!({
         "cniVersion": "1.0.0",
@@ -210,6 +221,10 @@ pub fn bench(env: &Env, report: &mut Report, pods: usize, burst: usize) -> anyho
         let tag = format!("wb{concurrency}");
         let weft = {
             let c = Cluster::start(env, &format!("{tag}w"), 1, 24)?;
+            // A node in service, as in the run with the server down below:
+            // a node that just registered starts with an empty reserve
+            // (the burst at the end measures that case).
+            wait_for_reserve(&c, pods)?;
             let run = drive(
                 env,
                 &c.nodes[0].0,
@@ -285,12 +300,7 @@ pub fn bench(env: &Env, report: &mut Report, pods: usize, burst: usize) -> anyho
     {
         let mut c = Cluster::start(env, "wbo", 1, 24)?;
         let want = pods.min(64);
-        crate::harness::wait_until("a full reserve", std::time::Duration::from_secs(20), || {
-            c.sql("SELECT count(*) FROM allocations WHERE state = 'reserved'")
-                .ok()
-                .and_then(|n| n.trim().parse::<usize>().ok())
-                .is_some_and(|n| n >= want)
-        })?;
+        wait_for_reserve(&c, want)?;
         c.stop_server();
         let down = drive(
             env,
