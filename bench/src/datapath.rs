@@ -1,6 +1,7 @@
 //! Benchmark 6 and the agent half of 7: TCP pod to pod across nodes
-//! against the same pod/bridge/VXLAN shape built by hand, a hand-built
-//! kernel VXLAN and the bare underlay between the same kind of namespaces;
+//! (throughput, and request/response latency) against the same
+//! pod/bridge/VXLAN shape built by hand, a hand-built kernel VXLAN and the
+//! bare underlay between the same kind of namespaces;
 //! agent memory idle and with thousands of peers.
 
 use std::{process::Command, time::Duration};
@@ -10,8 +11,9 @@ use serde_json::Value;
 
 use crate::{
     cluster::{Cluster, Env},
-    harness::{Fabric, Netns, Proc, in_ns, wait_until},
+    harness::{Fabric, Latency, Netns, Proc, in_ns, wait_until},
     report::{Figure, Report, Target},
+    rr,
 };
 
 /// iperf3 from namespace `from` to `to_ip` (server in `to`); Gbit/s.
@@ -62,9 +64,13 @@ pub fn bench(env: &Env, report: &mut Report, secs: u64) -> anyhow::Result<()> {
         wait_until("a -> b", Duration::from_secs(10), || {
             in_ns(&a.0, &["ping", "-c1", "-W1", &b_ip]).is_ok()
         })?;
-        iperf(env, &a.0, &b.0, &b_ip, secs)?
+        (
+            iperf(env, &a.0, &b.0, &b_ip, secs)?,
+            rr::measure(env, &a.0, &b.0, &b_ip, secs)?,
+        )
     };
-    let (vxlan, bare) = {
+    let (weft, weft_rr) = weft;
+    let (vxlan, bare, vxlan_rr) = {
         let mut fabric = Fabric::new("wbh-fabric")?;
         let h0 = fabric.attach("wbh-0", "198.51.100.1")?;
         let h1 = fabric.attach("wbh-1", "198.51.100.2")?;
@@ -91,9 +97,10 @@ pub fn bench(env: &Env, report: &mut Report, secs: u64) -> anyhow::Result<()> {
         (
             iperf(env, &h0.0, &h1.0, "10.244.250.2", secs)?,
             iperf(env, &h0.0, &h1.0, "198.51.100.2", secs)?,
+            rr::measure(env, &h0.0, &h1.0, "10.244.250.2", secs)?,
         )
     };
-    let shaped = pod_shaped(env, secs)?;
+    let (shaped, shaped_rr) = pod_shaped(env, secs)?;
     report.push(Figure {
         name: "TCP pod to pod across nodes, against the same shape built by hand".into(),
         unit: "Gbit/s",
@@ -115,6 +122,22 @@ pub fn bench(env: &Env, report: &mut Report, secs: u64) -> anyhow::Result<()> {
         anchor: Some(("bare underlay veth".into(), bare)),
         target: None,
     });
+    // One byte each way per transaction (netperf TCP_RR's shape): what a
+    // request costs in latency, where the throughput figures hide it.
+    for (anchor, a) in [
+        ("pod netns+veth+bridge+VXLAN by hand", shaped_rr),
+        ("hand-built kernel VXLAN", vxlan_rr),
+    ] {
+        for (q, w, a) in [("p50", weft_rr.p50, a.p50), ("p99", weft_rr.p99, a.p99)] {
+            report.push(Figure {
+                name: format!("TCP_RR pod to pod across nodes, one transaction {q}"),
+                unit: "µs",
+                weft: w * 1e3,
+                anchor: Some((anchor.into(), a * 1e3)),
+                target: None,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -123,7 +146,7 @@ pub fn bench(env: &Env, report: &mut Report, secs: u64) -> anyhow::Result<()> {
 /// static route, permanent neighbour and FDB entry for the other node, MTU
 /// 1450, forwarding on. What Weft adds over the kernel is the difference
 /// between this and Weft's figure.
-fn pod_shaped(env: &Env, secs: u64) -> anyhow::Result<f64> {
+fn pod_shaped(env: &Env, secs: u64) -> anyhow::Result<(f64, Latency)> {
     let mut fabric = Fabric::new("wbs-fabric")?;
     let nodes = [
         (
@@ -248,7 +271,10 @@ fn pod_shaped(env: &Env, secs: u64) -> anyhow::Result<f64> {
     wait_until("hand-built pod shape", Duration::from_secs(10), || {
         in_ns(&a.0, &["ping", "-c1", "-W1", "10.244.202.2"]).is_ok()
     })?;
-    iperf(env, &a.0, &b.0, "10.244.202.2", secs)
+    Ok((
+        iperf(env, &a.0, &b.0, "10.244.202.2", secs)?,
+        rr::measure(env, &a.0, &b.0, "10.244.202.2", secs)?,
+    ))
 }
 
 /// The agent's memory idle (no peers) and after programming `peers` peers.

@@ -12,6 +12,7 @@ mod datapath;
 mod harness;
 mod kernel;
 mod report;
+mod rr;
 mod scale;
 
 use std::{io::Write, path::PathBuf, time::Instant};
@@ -65,6 +66,17 @@ enum Cmd {
         #[arg(long)]
         concurrency: usize,
     },
+    /// Helper: one end of a TCP request/response run (`--listen` serves
+    /// one connection, `--connect` runs transactions and prints latencies).
+    #[command(hide = true)]
+    TcpRr {
+        #[arg(long, conflicts_with = "connect", required_unless_present = "connect")]
+        listen: Option<String>,
+        #[arg(long)]
+        connect: Option<String>,
+        #[arg(long, default_value = "5")]
+        secs: f64,
+    },
     /// Helper: program peers in the current namespace and print the time.
     #[command(hide = true)]
     KernelApply {
@@ -86,6 +98,15 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
         } => cni::driver(&plugin, &cni_path, &conf, &pods, concurrency),
         Cmd::KernelApply { mode, peers } => kernel::apply(&mode, peers).await,
+        Cmd::TcpRr {
+            listen,
+            connect,
+            secs,
+        } => match (listen, connect) {
+            (Some(listen), _) => rr::serve(&listen),
+            (None, Some(connect)) => rr::client(&connect, secs),
+            (None, None) => anyhow::bail!("tcp-rr needs --listen or --connect"),
+        },
         Cmd::Run {
             quick,
             json,
