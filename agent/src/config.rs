@@ -50,6 +50,17 @@ pub struct Cli {
     #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
 
+    /// Where the runtime finds CNI plugins: the chained plugins are looked
+    /// for here, and asked which spec versions they support.
+    #[arg(long, env = "WEFT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+
+    /// Reference plugins chained after weft in the conflist, in order
+    /// (comma-separated; "" for none): portmap (hostPort, with SNAT for
+    /// hairpin) and bandwidth (the kubernetes.io/*-bandwidth annotations).
+    #[arg(long, env = "WEFT_CHAIN", default_value = "portmap,bandwidth")]
+    pub chain: String,
+
     /// Node-local state that must survive restarts and reboots while the
     /// server is away: the node's assignment and its address reserve with
     /// the journal of binds and releases (a hostPath in the DaemonSet).
@@ -139,6 +150,8 @@ pub struct Config {
     pub underlay_mtu: Option<u32>,
     pub socket: PathBuf,
     pub cni_conf_dir: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    pub chain: Vec<crate::cni_conf::Chained>,
     pub state_dir: PathBuf,
     pub metrics_listen: SocketAddr,
     pub heartbeat_seconds: u64,
@@ -288,6 +301,18 @@ impl Config {
                 cli.cni_conf_dir.display()
             ));
         }
+        if !cli.cni_bin_dir.is_absolute() {
+            errors.push(format!(
+                "--cni-bin-dir/WEFT_CNI_BIN_DIR: {} is not an absolute path",
+                cli.cni_bin_dir.display()
+            ));
+        }
+        let chain = errors
+            .take(
+                crate::cni_conf::parse_chain(&cli.chain)
+                    .map_err(|e| format!("--chain/WEFT_CHAIN: {e}")),
+            )
+            .unwrap_or_default();
         if let Err(e) = weft_plumbing::check_log_filter(&cli.log) {
             errors.push(format!("--log/WEFT_LOG: {e}"));
         }
@@ -346,6 +371,8 @@ impl Config {
                 underlay_mtu,
                 socket: cli.socket,
                 cni_conf_dir: cli.cni_conf_dir,
+                cni_bin_dir: cli.cni_bin_dir,
+                chain,
                 state_dir: cli.state_dir,
                 metrics_listen,
                 heartbeat_seconds,
@@ -394,6 +421,14 @@ mod tests {
         );
         assert_eq!(c.socket, PathBuf::from("/run/weft/agent.sock"));
         assert_eq!(c.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(c.cni_bin_dir, PathBuf::from("/opt/cni/bin"));
+        assert_eq!(
+            c.chain,
+            [
+                crate::cni_conf::Chained::Portmap,
+                crate::cni_conf::Chained::Bandwidth
+            ]
+        );
         assert_eq!(c.metrics_listen.to_string(), "0.0.0.0:7402");
         assert_eq!(c.underlay_ip, None);
     }

@@ -8,7 +8,8 @@
 //! one masquerade rule. [`sync`] then keeps routes, neighbours and FDB
 //! entries on the tunnel equal to the server's peer set, using the pure
 //! planning in [`peers`] and [`reconcile`]. Once the node is in sync it
-//! writes the CNI conflist ([`cni_conf`]), the runtime's readiness signal.
+//! writes the CNI conflist ([`cni_conf`], weft followed by the reference
+//! portmap and bandwidth plugins), the runtime's readiness signal.
 //! On SIGTERM it stops and leaves the datapath in place, so pods keep
 //! working across agent restarts and upgrades.
 
@@ -242,7 +243,8 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     tokio::select! {
         () = crate::sync::stopped(&mut stop_wait) => {}
         r = async { synced.wait_for(|s| *s).await.map(|_| ()) } => if r.is_ok() {
-            let path = cni_conf::write(&config.cni_conf_dir, &config.socket)
+            let chain = chained_plugins(&config).await;
+            let path = cni_conf::write(&config.cni_conf_dir, &cni_conf::render(&config.socket, &chain))
                 .with_context(|| format!("writing the CNI config into {}", config.cni_conf_dir.display()))?;
             ready_tx.send_replace(true);
             info!(path = %path.display(), "node ready; CNI config written");
@@ -268,4 +270,31 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The chained plugins of `--chain` found in `--cni-bin-dir`. One that is
+/// missing, broken or speaks none of weft's versions is left out of the
+/// list (pods still start, without what it adds), loudly: a list naming a
+/// plugin the runtime cannot run fails every ADD on the node.
+async fn chained_plugins(config: &Config) -> Vec<cni_conf::Found> {
+    let mut chain = Vec::new();
+    for &plugin in &config.chain {
+        match cni_conf::probe(&config.cni_bin_dir, plugin).await {
+            Ok(found) if !cni_conf::common_versions(std::slice::from_ref(&found)).is_empty() => {
+                info!(plugin = plugin.binary(), versions = ?found.versions, "chaining CNI plugin");
+                chain.push(found);
+            }
+            Ok(found) => error!(
+                plugin = plugin.binary(),
+                versions = ?found.versions,
+                "chained CNI plugin speaks none of weft's spec versions; left out of the conflist"
+            ),
+            Err(e) => error!(
+                plugin = plugin.binary(),
+                error = %e,
+                "chained CNI plugin not usable; left out of the conflist (install the reference plugins in --cni-bin-dir, docs/install.md)"
+            ),
+        }
+    }
+    chain
 }

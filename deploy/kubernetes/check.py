@@ -139,6 +139,11 @@ def check_binaries(docs, label, bin_dir):
             check(f"{label}: init container {c['name']} installs what the image has",
                   "/usr/local/bin/weft " in script and "COPY --from=build /src/target/release-shim/weft /usr/local/bin/weft" in dockerfile
                   and "mv -f" in script, script)
+            # The agent's default --chain: the image must carry them and the
+            # init container install them where the node has none.
+            check(f"{label}: init container {c['name']} installs the chained plugins from the image",
+                  "for p in portmap bandwidth" in script and "/usr/lib/cni/$p" in script
+                  and "containernetworking-plugins=${CNI_PLUGINS_VERSION}" in dockerfile, script)
 
 
 def main():

@@ -174,10 +174,30 @@ impl Cluster {
                 &format!("198.51.100.{}", i + 1),
             );
         }
+        c.make_cni_bin();
         c.create_database();
         c.issue_certs(nodes);
         c.start_server();
         c
+    }
+
+    /// The CNI plugin directory of every node (`--cni-bin-dir`, and a
+    /// runtime's `bin_dir`): weft, and the reference plugins it chains and
+    /// that runtimes run themselves, where the machine has them.
+    pub fn cni_bin(&self) -> PathBuf {
+        self.dir.join("cni-bin")
+    }
+
+    fn make_cni_bin(&self) {
+        let bin = self.cni_bin();
+        fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(bin_dir().join("weft"), bin.join("weft")).unwrap();
+        for plugin in ["portmap", "bandwidth", "loopback"] {
+            let reference = Path::new("/usr/lib/cni").join(plugin);
+            if reference.exists() {
+                std::os::unix::fs::symlink(reference, bin.join(plugin)).unwrap();
+            }
+        }
     }
 
     pub fn pki(&self) -> PathBuf {
@@ -406,6 +426,8 @@ impl Cluster {
             .arg(self.dir.join(format!("node{node}.sock")))
             .arg("--cni-conf-dir")
             .arg(self.cni_dir(node))
+            .arg("--cni-bin-dir")
+            .arg(self.cni_bin())
             .arg("--state-dir")
             .arg(self.state_dir(node))
             .args(["--metrics-listen", &format!("198.51.100.{}:7402", node + 1)])
