@@ -100,6 +100,8 @@ pub trait Datapath: Send + Sync {
     fn vtep_mac(&self) -> impl Future<Output = Result<Option<MacAddr>>> + Send;
     fn ensure_vtep(&self, spec: &VtepSpec) -> impl Future<Output = Result<()>> + Send;
     fn ensure_bridge(&self, spec: &BridgeSpec) -> impl Future<Output = Result<()>> + Send;
+    /// IPv4 forwarding, and bridged traffic through netfilter (so Service
+    /// DNAT between two pods on one bridge sees its replies).
     fn ensure_forwarding(&self) -> impl Future<Output = Result<()>> + Send;
     fn ensure_masquerade(&self, spec: &MasqueradeSpec) -> impl Future<Output = Result<()>> + Send;
     /// The Weft-owned peer entries the kernel has now.

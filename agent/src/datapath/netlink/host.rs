@@ -1,11 +1,12 @@
-//! Host settings outside the links: IPv4 forwarding (procfs) and the
+//! Host settings outside the links: IPv4 forwarding and bridged traffic
+//! through netfilter (procfs), and the
 //! masquerade rule (the `nft` binary, one atomic transaction: there is no
 //! nftables netlink support in the dependency set).
 
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::datapath::{DatapathError, MasqueradeSpec, Result};
 
@@ -26,6 +27,41 @@ impl NetlinkDatapath {
             .map_err(DatapathError::io(format!("reading {PATH}")))?;
         if now.trim() != "1" {
             info!("enabling IPv4 forwarding");
+            tokio::fs::write(PATH, "1\n")
+                .await
+                .map_err(DatapathError::io(format!("writing {PATH}")))?;
+        }
+        self.set_bridge_netfilter().await
+    }
+
+    /// Bridged IPv4 traffic through the netfilter hooks (br_netfilter), so
+    /// conntrack sees both directions of a Service connection between two
+    /// pods on `weft0`: without it, the DNAT'd request is routed but the
+    /// reply is bridged straight back with the endpoint's address, and the
+    /// client drops it. The switch is per network namespace; the module
+    /// is loaded first where it is one.
+    async fn set_bridge_netfilter(&self) -> Result<()> {
+        const PATH: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+        if !std::path::Path::new(PATH).exists() {
+            info!("loading br_netfilter");
+            let loaded = tokio::process::Command::new("modprobe")
+                .arg("br_netfilter")
+                .stdin(Stdio::null())
+                .status()
+                .await;
+            if !std::path::Path::new(PATH).exists() {
+                warn!(
+                    ?loaded,
+                    "br_netfilter is not available: Services between pods on the same node will not answer (kube-proxy needs it too)"
+                );
+                return Ok(());
+            }
+        }
+        let now = tokio::fs::read_to_string(PATH)
+            .await
+            .map_err(DatapathError::io(format!("reading {PATH}")))?;
+        if now.trim() != "1" {
+            info!("passing bridged traffic through netfilter (bridge-nf-call-iptables)");
             tokio::fs::write(PATH, "1\n")
                 .await
                 .map_err(DatapathError::io(format!("writing {PATH}")))?;

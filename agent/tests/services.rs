@@ -1,0 +1,255 @@
+//! Kubernetes Services over Weft: the rules kube-proxy's nftables mode
+//! installs (a `services` verdict map, per-service and per-endpoint
+//! chains, DNAT, the hairpin mark and masquerade), written into a node
+//! namespace by hand, with real pods wired by the real plugin and agent.
+//! Needs root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use weft_testbed::cluster::*;
+
+/// Answers every connection on port 8080 with the pod's name.
+fn serve_name(c: &Cluster, pod: &str) -> KillOnDrop {
+    let script = format!(
+        "import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 8080))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.sendall(b'{pod}\\n')
+    c.close()
+"
+    );
+    KillOnDrop(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.pod_ns_name(pod),
+                "python3",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The first line a TCP connection from pod `from` to `ip:port` reads.
+fn fetch(c: &Cluster, from: &str, ip: &str, port: u16) -> String {
+    let out = Command::new("timeout")
+        .args([
+            "3",
+            "ip",
+            "netns",
+            "exec",
+            &c.pod_ns_name(from),
+            "bash",
+            "-c",
+        ])
+        .arg(format!("exec 3<>/dev/tcp/{ip}/{port} && head -n1 <&3"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// kube-proxy's nftables-mode rules (pkg/proxy/nftables, reduced to what a
+/// ClusterIP with one endpoint needs), one service per `(vip, endpoint)`.
+fn kube_proxy_rules(services: &[(&str, &str)]) -> String {
+    let mut chains = String::new();
+    let mut elements = Vec::new();
+    for (i, (vip, endpoint)) in services.iter().enumerate() {
+        elements.push(format!("{vip} . tcp . 80 : goto service-{i}"));
+        chains.push_str(&format!(
+            "chain service-{i} {{
+  ip daddr {vip} tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+  numgen random mod 1 vmap {{ 0 : goto endpoint-{i} }}
+}}
+chain endpoint-{i} {{
+  ip saddr {endpoint} jump mark-for-masquerade
+  meta l4proto tcp dnat to {endpoint}:8080
+}}
+"
+        ));
+    }
+    format!(
+        "table ip kube-proxy {{
+map service-ips {{
+  type ipv4_addr . inet_proto . inet_service : verdict
+  elements = {{ {} }}
+}}
+chain mark-for-masquerade {{
+  meta mark set meta mark | 0x4000
+}}
+chain masquerading {{
+  meta mark & 0x4000 == 0 return
+  meta mark set meta mark ^ 0x4000
+  masquerade fully-random
+}}
+chain services {{
+  ip daddr . meta l4proto . th dport vmap @service-ips
+}}
+chain nat-prerouting {{
+  type nat hook prerouting priority dstnat; policy accept;
+  jump services
+}}
+chain nat-output {{
+  type nat hook output priority -100; policy accept;
+  jump services
+}}
+chain nat-postrouting {{
+  type nat hook postrouting priority srcnat; policy accept;
+  jump masquerading
+}}
+{chains}}}
+",
+        elements.join(", ")
+    )
+}
+
+fn nft_in(ns: &str, rules: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft -f:\n{rules}");
+}
+
+fn bridge_nf(c: &Cluster, node: usize) -> String {
+    let out = in_ns(
+        &c.nodes[node],
+        &["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn set_bridge_nf(c: &Cluster, node: usize, value: &str) {
+    in_ns(
+        &c.nodes[node],
+        &[
+            "sysctl",
+            "-qw",
+            &format!("net.bridge.bridge-nf-call-iptables={value}"),
+        ],
+    );
+}
+
+fn eventually(what: &str, mut ok: impl FnMut() -> String, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = ok();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: got {got:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn cluster_ips_reach_pods_on_the_same_node_another_node_and_the_client_itself() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new(2);
+    // A node whose bridged traffic bypasses netfilter, as a fresh machine
+    // without br_netfilter loaded has it: the agent must turn it on.
+    set_bridge_nf(&c, 0, "0");
+    c.start_agent(0);
+    c.start_agent(1);
+    assert_eq!(
+        bridge_nf(&c, 0),
+        "1",
+        "the agent turns bridge-nf-call-iptables on"
+    );
+
+    let client = c.add_pod(0, "client").0;
+    let same = c.add_pod(0, "same").0;
+    let other = c.add_pod(1, "other").0;
+    let _servers = [
+        serve_name(&c, "client"),
+        serve_name(&c, "same"),
+        serve_name(&c, "other"),
+    ];
+    for (pod, ip) in [("client", &client), ("same", &same), ("other", &other)] {
+        eventually(
+            &format!("{pod} serving"),
+            || fetch(&c, "client", ip, 8080),
+            pod,
+        );
+    }
+    nft_in(
+        &c.nodes[0],
+        &kube_proxy_rules(&[
+            ("10.96.0.10", &same),
+            ("10.96.0.11", &other),
+            ("10.96.0.12", &client),
+        ]),
+    );
+
+    // Same node: the reply is bridged straight back, so only conntrack on
+    // the bridge (br_netfilter) turns its source back into the VIP.
+    assert_eq!(
+        fetch(&c, "client", "10.96.0.10", 80),
+        "same",
+        "ClusterIP → pod on the same node"
+    );
+    assert_eq!(
+        fetch(&c, "client", "10.96.0.11", 80),
+        "other",
+        "ClusterIP → pod on another node"
+    );
+    // Hairpin: DNAT back to the client itself, out of the port it came in
+    // by (hairpin on its veth), masqueraded by kube-proxy's mark.
+    assert_eq!(
+        fetch(&c, "client", "10.96.0.12", 80),
+        "client",
+        "a pod through its own Service"
+    );
+
+    // What makes the same-node case work is the switch the agent set: off,
+    // it fails; an agent restart puts it back.
+    set_bridge_nf(&c, 0, "0");
+    assert_eq!(
+        fetch(&c, "client", "10.96.0.10", 80),
+        "",
+        "with bridged traffic past netfilter"
+    );
+    c.stop_agent(0);
+    c.start_agent(0);
+    assert_eq!(bridge_nf(&c, 0), "1");
+    eventually(
+        "ClusterIP → same node after the restart",
+        || fetch(&c, "client", "10.96.0.10", 80),
+        "same",
+    );
+}
