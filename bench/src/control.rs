@@ -41,6 +41,7 @@ async fn server(url: &str, layout: ClusterLayout) -> anyhow::Result<(RunningServ
         feed_capacity: 4096,
         tls: None,
         block_quarantine: weft_server::store::DEFAULT_QUARANTINE,
+        stale_node_after: None,
         keepalive: weft_server::Keepalive::default(),
     };
     let s = RunningServer::start(

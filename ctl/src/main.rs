@@ -370,7 +370,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|n| json!({"node": n.node_name, "block": n.block, "used": n.used, "reserved": n.reserved, "capacity": n.capacity}))
                 .collect();
             rows.push(json!({
-                "node": "(cluster)", "block": format!("{}/{} blocks", u.blocks_used, u.blocks_capacity),
+                "node": "(cluster)",
+                "block": format!("{}/{} blocks, {} quarantined", u.blocks_used, u.blocks_capacity, u.blocks_quarantined),
                 "used": u.used, "reserved": u.reserved, "capacity": u.capacity,
             }));
             print(

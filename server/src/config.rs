@@ -91,6 +91,20 @@ pub struct Cli {
     )]
     pub block_quarantine: String,
 
+    /// Seconds without a heartbeat after which a node is taken to be gone
+    /// for good (a machine that vanished without DeleteNode): it is fenced
+    /// and deleted as DeleteNode would, its block quarantined for
+    /// --block-quarantine, then reclaimed. 0 (the default) turns the
+    /// policy off. Keep it far above the agents' --heartbeat-seconds
+    /// (hours, e.g. 21600).
+    #[arg(
+        long,
+        env = "WEFT_STALE_NODE_AFTER",
+        default_value = "0",
+        global = true
+    )]
+    pub stale_node_after: String,
+
     /// Log output format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -259,6 +273,8 @@ pub struct Config {
     pub mtu_hint: u32,
     pub topology_history: u32,
     pub block_quarantine: std::time::Duration,
+    /// `None`: the stale-node policy is off.
+    pub stale_node_after: Option<std::time::Duration>,
     pub log_format: LogFormat,
     pub log: String,
     pub check_only: bool,
@@ -323,6 +339,14 @@ impl Config {
                 30 * 24 * 3600,
             ))
             .map(|s| std::time::Duration::from_secs(u64::from(s)));
+        let stale_node_after = errors
+            .take(parse_range(
+                "--stale-node-after/WEFT_STALE_NODE_AFTER",
+                &cli.stale_node_after,
+                0,
+                30 * 24 * 3600,
+            ))
+            .and_then(|s| (s > 0).then(|| std::time::Duration::from_secs(u64::from(s))));
         let layout = match (cidr, prefix) {
             (Some(cidr), Some(prefix)) => errors.take(
                 ClusterLayout::new(cidr, prefix)
@@ -395,6 +419,7 @@ impl Config {
                 mtu_hint,
                 topology_history,
                 block_quarantine,
+                stale_node_after,
                 log_format: cli.log_format,
                 log: cli.log,
                 check_only: cli.check_config,

@@ -59,6 +59,9 @@ pub struct ServerSettings {
     pub tls: Option<TlsMaterial>,
     /// How long a deleted node's block is held back from other nodes.
     pub block_quarantine: Duration,
+    /// After how long without a heartbeat a node is fenced and deleted
+    /// (the stale-node policy); `None` is off.
+    pub stale_node_after: Option<Duration>,
     /// HTTP/2 PING interval on idle connections, and how long an
     /// unanswered PING may stay so before the connection (and every watch
     /// stream on it) is dropped. A peer that vanished without a FIN is
@@ -115,7 +118,7 @@ impl RunningServer {
         let metrics = Metrics::new();
         let services = Services::new(
             store.clone(),
-            feed,
+            feed.clone(),
             metrics.clone(),
             settings.vni,
             settings.mtu_hint,
@@ -201,6 +204,17 @@ impl RunningServer {
             health_reporter,
             stopped.clone(),
         ));
+        let mut tasks = Vec::new();
+        if let Some(after) = settings.stale_node_after {
+            info!(after_secs = after.as_secs(), "stale-node policy on");
+            tasks.push(tokio::spawn(fence_stale_nodes(
+                store.clone(),
+                feed,
+                metrics.clone(),
+                after,
+                stopped.clone(),
+            )));
+        }
         let metrics_task = tokio::spawn(async move {
             if let Err(e) =
                 metrics::serve_http(metrics_listener, metrics, store, wait_for(stopped)).await
@@ -213,7 +227,10 @@ impl RunningServer {
             grpc_addr,
             metrics_addr,
             stop,
-            tasks: vec![grpc_task, metrics_task, health_task],
+            tasks: [grpc_task, metrics_task, health_task]
+                .into_iter()
+                .chain(tasks)
+                .collect(),
         })
     }
 
@@ -225,6 +242,61 @@ impl RunningServer {
             match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
                 Ok(_) => {}
                 Err(_) => warn!("drain timed out; closing remaining streams"),
+            }
+        }
+    }
+}
+
+/// Who the stale-node policy's deletions are audited as.
+const STALE_NODE_ACTOR: &str = "weft-server (stale-node policy)";
+
+/// The stale-node policy: every so often, each node silent for `after` is
+/// fenced and deleted (docs/server.md, "Nodes that never come back"). Every
+/// replica runs it; the topology lock orders them, and the silence is
+/// checked again under the node's lock, so a node whose heartbeat commits
+/// first is kept and none is deleted twice.
+async fn fence_stale_nodes(
+    store: Store,
+    feed: PeerFeed,
+    metrics: Metrics,
+    after: Duration,
+    mut stopped: signal_watch::Receiver<bool>,
+) {
+    let mut tick =
+        tokio::time::interval((after / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        let candidates = match store.stale_nodes(after).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "stale-node policy: cannot list nodes");
+                continue;
+            }
+        };
+        for (name, silent) in candidates {
+            match store.fence_stale_node(&name, after, STALE_NODE_ACTOR).await {
+                Ok(Some((revision, released))) => {
+                    feed.poke();
+                    metrics.count_release(&name, "node_stale", released.len());
+                    metrics.stale_nodes.inc();
+                    warn!(
+                        node = %name,
+                        silent_secs = silent as u64,
+                        revision,
+                        released = released.len(),
+                        "node silent past --stale-node-after: fenced and deleted, its block quarantined"
+                    );
+                }
+                Ok(None) => {
+                    info!(node = %name, "stale-node policy: the node heartbeated meanwhile; kept")
+                }
+                Err(e) => {
+                    warn!(node = %name, error = %e, "stale-node policy: cannot fence the node")
+                }
             }
         }
     }
@@ -358,6 +430,7 @@ pub async fn run(cli: config::Cli) -> anyhow::Result<()> {
         feed_capacity: watch::DEFAULT_FEED_CAPACITY,
         tls,
         block_quarantine: config.block_quarantine,
+        stale_node_after: config.stale_node_after,
         keepalive: Keepalive::default(),
     };
     let server = RunningServer::start(settings, pool, grpc, metrics_listener).await?;

@@ -26,7 +26,7 @@ pub struct NodeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReleaseLabels {
     pub node: String,
-    /// release, gc or node_delete
+    /// release, gc, node_delete or node_stale
     pub reason: String,
 }
 
@@ -44,6 +44,9 @@ pub struct Metrics {
     pub releases: Family<ReleaseLabels, Counter>,
     pub rpc_duration: Family<RpcLabels, Histogram>,
     pub watchers: Gauge,
+    /// Nodes the stale-node policy fenced and deleted.
+    pub stale_nodes: Counter,
+    quarantined: Gauge,
     used: Family<NodeLabels, Gauge>,
     reserved: Family<NodeLabels, Gauge>,
     capacity: Family<NodeLabels, Gauge>,
@@ -69,6 +72,18 @@ impl Metrics {
             ))
         });
         let watchers = Gauge::default();
+        let stale_nodes = Counter::default();
+        let quarantined = Gauge::default();
+        registry.register(
+            "stale_nodes_fenced",
+            "Nodes deleted by the stale-node policy (no heartbeat for --stale-node-after)",
+            stale_nodes.clone(),
+        );
+        registry.register(
+            "blocks_quarantined",
+            "Blocks of deleted or stale nodes held back from other nodes",
+            quarantined.clone(),
+        );
         let used = Family::<NodeLabels, Gauge>::default();
         let capacity = Family::<NodeLabels, Gauge>::default();
         let reserved = Family::<NodeLabels, Gauge>::default();
@@ -101,6 +116,8 @@ impl Metrics {
             releases,
             rpc_duration,
             watchers,
+            stale_nodes,
+            quarantined,
             used,
             reserved,
             capacity,
@@ -128,19 +145,24 @@ impl Metrics {
     /// Renders the text exposition, refreshing utilization from the store.
     pub async fn render(&self, store: &Store) -> Result<String, String> {
         let rows = store.utilization().await.map_err(|e| e.to_string())?;
+        let quarantined = store
+            .quarantined_blocks()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.quarantined.set(i64::from(quarantined));
         // Nodes deleted since the last scrape must disappear.
         self.used.clear();
         self.capacity.clear();
         self.reserved.clear();
-        for (node, block, used, reserved) in rows {
-            let labels = NodeLabels { node };
-            self.used.get_or_create(&labels).set(i64::from(used));
+        for n in rows {
+            let labels = NodeLabels { node: n.name };
+            self.used.get_or_create(&labels).set(i64::from(n.used));
             self.reserved
                 .get_or_create(&labels)
-                .set(i64::from(reserved));
+                .set(i64::from(n.reserved));
             self.capacity
                 .get_or_create(&labels)
-                .set(i64::from(block.capacity()));
+                .set(i64::from(n.block.capacity()));
         }
         let mut out = String::new();
         let registry = self

@@ -544,3 +544,162 @@ async fn one_nodes_burst_leaves_connections_for_the_others(pool: PgPool) {
         .unwrap();
     assert_eq!(n, 33);
 }
+
+/// The stale-node policy: a node silent past `--stale-node-after` is
+/// fenced and deleted, its addresses released and its block quarantined,
+/// then reclaimed; a node that keeps heartbeating is never touched.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_silent_node_is_fenced_and_its_block_reclaimed_after_quarantine_a_live_one_kept(
+    pool: PgPool,
+) {
+    let mut settings = settings();
+    settings.stale_node_after = Some(Duration::from_secs(2));
+    settings.block_quarantine = Duration::from_secs(4);
+    let ts = start_with(pool.clone(), settings).await;
+    assert_eq!(ts.register("node-a", 1).await.block, "10.244.0.0/24");
+    assert_eq!(ts.register("node-b", 2).await.block, "10.244.1.0/24");
+    let address = ts.allocate("node-b", "ctr-b").await.unwrap().address;
+    let beating = Arc::new(AtomicBool::new(true));
+    let heartbeats = tokio::spawn({
+        let (mut topology, beating) = (ts.topology(), beating.clone());
+        async move {
+            while beating.load(Ordering::SeqCst) {
+                topology
+                    .heartbeat(pb::HeartbeatRequest {
+                        node_name: "node-a".into(),
+                    })
+                    .await
+                    .expect("a live node's heartbeat");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+
+    let gone = async {
+        loop {
+            let got = ts
+                .admin()
+                .get_node(pb::GetNodeRequest {
+                    name: "node-b".into(),
+                })
+                .await;
+            if got.is_err_and(|s| s.code() == Code::NotFound) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone)
+        .await
+        .expect("node-b fenced within 10 s");
+    // node-b's block is quarantined: a node joining now gets another one.
+    assert_eq!(ts.register("node-c", 3).await.block, "10.244.2.0/24");
+
+    // Audited: the node and its address, by the policy.
+    let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT action, actor, host(address), detail FROM audit_log
+         WHERE node_name = 'node-b' AND action IN ('release', 'node_stale') ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].0, "release");
+    assert_eq!(rows[0].2.as_deref(), address.split('/').next());
+    assert_eq!(rows[1].0, "node_stale");
+    assert!(
+        rows.iter().all(|r| r.1.contains("stale-node policy")),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1]
+            .3
+            .as_deref()
+            .is_some_and(|d| d.contains("no heartbeat")),
+        "{rows:?}"
+    );
+    // Visible in Utilization and metrics.
+    let u = ts
+        .admin()
+        .utilization(pb::UtilizationRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.blocks_quarantined, 1);
+    let a = u.nodes.iter().find(|n| n.node_name == "node-a").unwrap();
+    assert!(a.silent_seconds < 2, "node-a heartbeats: {a:?}");
+    let (_, metrics) = http_get(ts.server.metrics_addr, "/metrics").await;
+    assert!(
+        metrics.contains("weft_stale_nodes_fenced_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("weft_blocks_quarantined 1"), "{metrics}");
+    // Fenced: its agent cannot carry on as if nothing happened.
+    let hb = ts
+        .topology()
+        .heartbeat(pb::HeartbeatRequest {
+            node_name: "node-b".into(),
+        })
+        .await;
+    assert_eq!(hb.unwrap_err().code(), Code::NotFound);
+
+    // After the quarantine the block goes to the next node that joins.
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    assert_eq!(ts.register("node-d", 4).await.block, "10.244.1.0/24");
+    // node-a heartbeated all along: still there, with its block.
+    let a = ts
+        .admin()
+        .get_node(pb::GetNodeRequest {
+            name: "node-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.block, "10.244.0.0/24");
+    beating.store(false, Ordering::SeqCst);
+    heartbeats.await.unwrap();
+}
+
+/// The policy's deletion decides under the node's row lock: a heartbeat
+/// another connection holds uncommitted when the sweep reaches the node
+/// keeps it once it commits; without one, the same call deletes it.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_heartbeat_committing_under_the_stale_sweep_keeps_the_node(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    ts.register("node-b", 2).await;
+    let store = weft_server::store::Store::new(pool.clone(), layout("10.244.0.0/16", 24), 10_000);
+    let after = Duration::from_secs(600);
+    let age = || {
+        sqlx::query("UPDATE nodes SET last_seen = now() - interval '1 hour' WHERE name = 'node-b'")
+            .execute(&pool)
+    };
+    age().await.unwrap();
+    assert_eq!(store.stale_nodes(after).await.unwrap().len(), 1);
+
+    let mut heartbeat = pool.begin().await.unwrap();
+    sqlx::query("UPDATE nodes SET last_seen = now() WHERE name = 'node-b'")
+        .execute(&mut *heartbeat)
+        .await
+        .unwrap();
+    let sweep = tokio::spawn({
+        let store = store.clone();
+        async move { store.fence_stale_node("node-b", after, "test").await }
+    });
+    wait_for_lock_waiter(&pool).await;
+    heartbeat.commit().await.unwrap();
+    assert!(
+        sweep.await.unwrap().unwrap().is_none(),
+        "a node that heartbeated was fenced"
+    );
+    assert_eq!(ts.audit_count("node_stale").await, 0);
+
+    // The same call with no heartbeat in its way fences it.
+    age().await.unwrap();
+    let (_, released) = store
+        .fence_stale_node("node-b", after, "test")
+        .await
+        .unwrap()
+        .expect("a silent node is fenced");
+    assert!(released.is_empty());
+    assert_eq!(ts.audit_count("node_stale").await, 1);
+}

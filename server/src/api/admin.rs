@@ -204,14 +204,16 @@ impl Admin for Services {
             let per_block = layout.block(0).map(|b| b.capacity()).unwrap_or(0);
             let nodes: Vec<pb::NodeUtilization> = rows
                 .into_iter()
-                .map(|(node_name, block, used, reserved)| pb::NodeUtilization {
-                    node_name,
-                    block: block.to_string(),
-                    used,
-                    capacity: block.capacity(),
-                    reserved,
+                .map(|n| pb::NodeUtilization {
+                    node_name: n.name,
+                    block: n.block.to_string(),
+                    used: n.used,
+                    capacity: n.block.capacity(),
+                    reserved: n.reserved,
+                    silent_seconds: n.silent_seconds,
                 })
                 .collect();
+            let blocks_quarantined = store.quarantined_blocks().await.map_err(status_from)?;
             let blocks_used = u32::try_from(nodes.len()).unwrap_or(u32::MAX);
             Ok(Response::new(pb::UtilizationResponse {
                 used: nodes.iter().map(|n| u64::from(n.used)).sum(),
@@ -220,6 +222,7 @@ impl Admin for Services {
                 capacity: u64::from(layout.block_count()) * u64::from(per_block),
                 blocks_used,
                 blocks_capacity: layout.block_count(),
+                blocks_quarantined,
                 nodes,
             }))
         })

@@ -195,20 +195,40 @@ impl Store {
     }
 
     /// Bound and reserved addresses per node, for utilization and metrics.
-    pub async fn utilization(&self) -> Result<Vec<(String, NodeBlock, u32, u32)>> {
-        let rows: Vec<(String, IpNet, i64, i64)> = sqlx::query_as(
+    pub async fn utilization(&self) -> Result<Vec<NodeUse>> {
+        let rows: Vec<(String, IpNet, i64, i64, f64)> = sqlx::query_as(
             "SELECT n.name, n.block,
                     count(a.address) FILTER (WHERE a.state = 'bound'),
-                    count(a.address) FILTER (WHERE a.state = 'reserved')
+                    count(a.address) FILTER (WHERE a.state = 'reserved'),
+                    extract(epoch FROM now() - n.last_seen)::float8
              FROM nodes n LEFT JOIN allocations a ON a.node_name = n.name
-             GROUP BY n.name, n.block ORDER BY n.name",
+             GROUP BY n.name, n.block, n.last_seen ORDER BY n.name",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(name, block, used, reserved)| {
-                Ok((name, to_block(block)?, count_u32(used), count_u32(reserved)))
+            .map(|(name, block, used, reserved, silent)| {
+                Ok(NodeUse {
+                    name,
+                    block: to_block(block)?,
+                    used: count_u32(used),
+                    reserved: count_u32(reserved),
+                    silent_seconds: silent.max(0.0) as u64,
+                })
             })
             .collect()
     }
+}
+
+/// One node's share of the cluster (Utilization, metrics).
+#[derive(Debug, Clone)]
+pub struct NodeUse {
+    pub name: String,
+    pub block: NodeBlock,
+    /// Bound addresses.
+    pub used: u32,
+    /// Reserved for the node and not bound.
+    pub reserved: u32,
+    /// Since the last heartbeat (or registration).
+    pub silent_seconds: u64,
 }

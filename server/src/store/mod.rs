@@ -70,6 +70,7 @@ mod reserves;
 mod rows;
 mod topology;
 
+pub use admin::NodeUse;
 pub use error::{DatabaseError, MAX_ATTEMPTS, Result, StoreError, sqlstate_unavailable};
 pub use records::*;
 pub use reserves::MAX_RESERVE;

@@ -201,8 +201,7 @@ impl Store {
         name: &NodeName,
         actor: &str,
     ) -> Result<(u64, Vec<AllocationRecord>)> {
-        let history = self.history_limit;
-        let quarantine = self.quarantine;
+        let (history, quarantine) = (self.history_limit, self.quarantine);
         in_transaction!(self, "delete_node", tx, async {
             let revision = lock_topology(tx).await?;
             let exists: Option<String> =
@@ -213,36 +212,79 @@ impl Store {
             if exists.is_none() {
                 return Err(StoreError::UnknownNode(name.clone()));
             }
-            let released =
-                release_where_node(tx, name.as_str(), &[], "release", actor, false).await?;
-            // Its agent may still run pods in the block: hold it back.
-            sqlx::query(
-                "INSERT INTO retired_blocks (block_index, block, node_name, until)
-                 SELECT block_index, block, name, now() + make_interval(secs => $2)
-                 FROM nodes WHERE name = $1
-                 ON CONFLICT (block_index) DO UPDATE
-                 SET block = EXCLUDED.block, node_name = EXCLUDED.node_name,
-                     retired_at = now(), until = EXCLUDED.until",
+            let audit = ("node_delete", None);
+            remove_node(
+                tx,
+                name.as_str(),
+                actor,
+                audit,
+                revision,
+                history,
+                quarantine,
             )
-            .bind(name.as_str())
-            .bind(quarantine.as_secs_f64())
-            .execute(&mut **tx)
-            .await?;
-            sqlx::query("DELETE FROM nodes WHERE name = $1")
-                .bind(name.as_str())
-                .execute(&mut **tx)
-                .await?;
-            let revision = bump_topology(tx, revision, history).await?;
-            sqlx::query(
-                "INSERT INTO topology_events (revision, node_name, kind) VALUES ($1, $2, 'delete')",
-            )
-            .bind(rev_i64(revision)?)
-            .bind(name.as_str())
-            .execute(&mut **tx)
-            .await?;
-            audit_node(tx, "node_delete", actor, name.as_str()).await?;
-            Ok((revision, released))
+            .await
         })
+    }
+
+    /// Nodes that have not heartbeated for `after`: their names and how
+    /// long each has been silent. Only candidates: [`Self::fence_stale_node`]
+    /// decides under the node's lock.
+    pub async fn stale_nodes(&self, after: std::time::Duration) -> Result<Vec<(String, f64)>> {
+        Ok(sqlx::query_as(
+            "SELECT name, extract(epoch FROM now() - last_seen)::float8 FROM nodes
+             WHERE last_seen < now() - make_interval(secs => $1) ORDER BY name",
+        )
+        .bind(after.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The stale-node policy's deletion of `name`: as [`Self::delete_node`]
+    /// (addresses released, the block quarantined, then reclaimed, the
+    /// node fenced: its agent must register anew), audited as
+    /// `node_stale`, and only if the node is still silent for `after` under
+    /// its row lock, so a heartbeat that commits first keeps it. `None`
+    /// when it was kept (or is gone).
+    pub async fn fence_stale_node(
+        &self,
+        name: &str,
+        after: std::time::Duration,
+        actor: &str,
+    ) -> Result<Option<(u64, Vec<AllocationRecord>)>> {
+        let (history, quarantine) = (self.history_limit, self.quarantine);
+        in_transaction!(self, "fence_stale_node", tx, async {
+            let revision = lock_topology(tx).await?;
+            // FOR UPDATE re-reads a row a heartbeat changed meanwhile and
+            // applies the condition to that version.
+            let silent: Option<f64> = sqlx::query_scalar(
+                "SELECT extract(epoch FROM now() - last_seen)::float8 FROM nodes
+                 WHERE name = $1 AND last_seen < now() - make_interval(secs => $2)
+                 FOR UPDATE",
+            )
+            .bind(name)
+            .bind(after.as_secs_f64())
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some(silent) = silent else {
+                return Ok(None);
+            };
+            let why = format!(
+                "no heartbeat for {silent:.0} s (stale after {} s); block quarantined",
+                after.as_secs()
+            );
+            let audit = ("node_stale", Some(why.as_str()));
+            Ok(Some(
+                remove_node(tx, name, actor, audit, revision, history, quarantine).await?,
+            ))
+        })
+    }
+
+    /// Blocks held back from other nodes now (a deleted or stale node's).
+    pub async fn quarantined_blocks(&self) -> Result<u32> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM retired_blocks WHERE until > now()")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// The whole peer set and the revision it is current at, read from one
@@ -372,6 +414,54 @@ async fn bump_topology(
         .execute(&mut **tx)
         .await?;
     Ok(next)
+}
+
+/// The body of a node's deletion (audited as `action` with `detail`), the
+/// node row locked by the caller:
+/// its addresses released (audited), its block quarantined (its agent may
+/// still run pods in it), the row gone and the topology change recorded.
+async fn remove_node(
+    tx: &mut Transaction<'static, Postgres>,
+    name: &str,
+    actor: &str,
+    (action, detail): (&str, Option<&str>),
+    revision: u64,
+    history: i64,
+    quarantine: std::time::Duration,
+) -> Result<(u64, Vec<AllocationRecord>)> {
+    let released = release_where_node(tx, name, &[], "release", actor, false).await?;
+    sqlx::query(
+        "INSERT INTO retired_blocks (block_index, block, node_name, until)
+         SELECT block_index, block, name, now() + make_interval(secs => $2)
+         FROM nodes WHERE name = $1
+         ON CONFLICT (block_index) DO UPDATE
+         SET block = EXCLUDED.block, node_name = EXCLUDED.node_name,
+             retired_at = now(), until = EXCLUDED.until",
+    )
+    .bind(name)
+    .bind(quarantine.as_secs_f64())
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("DELETE FROM nodes WHERE name = $1")
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    let revision = bump_topology(tx, revision, history).await?;
+    sqlx::query(
+        "INSERT INTO topology_events (revision, node_name, kind) VALUES ($1, $2, 'delete')",
+    )
+    .bind(rev_i64(revision)?)
+    .bind(name)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("INSERT INTO audit_log (action, actor, node_name, detail) VALUES ($1, $2, $3, $4)")
+        .bind(action)
+        .bind(actor)
+        .bind(name)
+        .bind(detail)
+        .execute(&mut **tx)
+        .await?;
+    Ok((revision, released))
 }
 
 async fn audit_node(

@@ -35,6 +35,7 @@ pub fn settings() -> ServerSettings {
         // covers mutual TLS.
         tls: None,
         block_quarantine: weft_server::store::DEFAULT_QUARANTINE,
+        stale_node_after: None,
         keepalive: weft_server::Keepalive::default(),
     }
 }
