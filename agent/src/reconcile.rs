@@ -49,34 +49,11 @@ impl fmt::Display for ReconcileError {
 
 impl std::error::Error for ReconcileError {}
 
-/// Requests in flight at once per group.
-const IN_FLIGHT: usize = 64;
-
 /// Splits an ordered plan into runs of one entry kind.
 fn by_layer(entries: &[Entry]) -> Vec<&[Entry]> {
     entries
         .chunk_by(|a, b| std::mem::discriminant(a) == std::mem::discriminant(b))
         .collect()
-}
-
-async fn run_group<D: Datapath>(
-    dp: &D,
-    group: &[Entry],
-    add: bool,
-) -> Vec<(Entry, Result<(), DatapathError>)> {
-    use futures::StreamExt;
-    futures::stream::iter(group.iter().copied())
-        .map(|e| async move {
-            let result = if add {
-                dp.add_entry(&e).await
-            } else {
-                dp.remove_entry(&e).await
-            };
-            (e, result)
-        })
-        .buffered(IN_FLIGHT)
-        .collect()
-        .await
 }
 
 pub async fn reconcile<D: Datapath>(dp: &D, peers: &PeerSet) -> Result<Applied, ReconcileError> {
@@ -113,7 +90,7 @@ async fn apply<D: Datapath>(dp: &D, plan: &Plan) -> Result<Applied, ReconcileErr
     // Entries of one kind do not depend on each other: send them
     // together. Kinds still go in order (see `plan`).
     for group in by_layer(&plan.remove) {
-        for (entry, result) in run_group(dp, group, false).await {
+        for (entry, result) in dp.apply_entries(group, false).await {
             match result {
                 Ok(()) => {
                     applied.removed += 1;
@@ -124,7 +101,7 @@ async fn apply<D: Datapath>(dp: &D, plan: &Plan) -> Result<Applied, ReconcileErr
         }
     }
     for group in by_layer(&plan.add) {
-        for (entry, result) in run_group(dp, group, true).await {
+        for (entry, result) in dp.apply_entries(group, true).await {
             match result {
                 Ok(()) => {
                     applied.added += 1;

@@ -110,6 +110,41 @@ pub trait Datapath: Send + Sync {
     fn add_entry(&self, entry: &Entry) -> impl Future<Output = Result<()>> + Send;
     /// Removes one entry; one already gone is not an error.
     fn remove_entry(&self, entry: &Entry) -> impl Future<Output = Result<()>> + Send;
+    /// Adds (`add`) or removes every entry of `group`, entries that do not
+    /// depend on each other; each with its outcome, in order. One by one
+    /// unless an implementation has a cheaper way for many.
+    fn apply_entries(
+        &self,
+        group: &[Entry],
+        add: bool,
+    ) -> impl Future<Output = Vec<(Entry, Result<()>)>> + Send {
+        one_by_one(self, group, add)
+    }
+}
+
+/// Requests in flight at once when entries go one by one.
+const IN_FLIGHT: usize = 64;
+
+/// [`Datapath::apply_entries`] through [`Datapath::add_entry`] and
+/// [`Datapath::remove_entry`], [`IN_FLIGHT`] at a time.
+pub async fn one_by_one<D: Datapath + ?Sized>(
+    dp: &D,
+    group: &[Entry],
+    add: bool,
+) -> Vec<(Entry, Result<()>)> {
+    use futures::StreamExt;
+    futures::stream::iter(group.iter().copied())
+        .map(|e| async move {
+            let result = if add {
+                dp.add_entry(&e).await
+            } else {
+                dp.remove_entry(&e).await
+            };
+            (e, result)
+        })
+        .buffered(IN_FLIGHT)
+        .collect()
+        .await
 }
 
 /// Test doubles.

@@ -1,5 +1,6 @@
 //! Routes, neighbours and FDB entries on `weft.vxlan`: dumped into
-//! [`Entry`] values for the planner, and applied one by one.
+//! [`Entry`] values for the planner, and applied one by one or, many at a
+//! time, in batches.
 
 use std::{
     collections::BTreeSet,
@@ -27,6 +28,9 @@ use crate::{
 
 use super::attrs::*;
 use super::*;
+
+/// Groups at least this large go in batches.
+const BATCH_FROM: usize = 16;
 
 impl NetlinkDatapath {
     pub(super) async fn dump_entries(&self) -> Result<BTreeSet<Entry>> {
@@ -180,6 +184,76 @@ impl NetlinkDatapath {
             }
             other => other.map_err(|e| DatapathError::netlink(op())(e)),
         }
+    }
+
+    /// A group of entries: in batches ([`super::batch`]) when there are
+    /// many, one by one when there are a few (a peer change: one request
+    /// each either way, and no thread hop).
+    pub(super) async fn apply_group(&self, group: &[Entry], add: bool) -> Vec<(Entry, Result<()>)> {
+        if group.len() < BATCH_FROM {
+            return crate::datapath::one_by_one(self, group, add).await;
+        }
+        let index = match self.vxlan_index().await {
+            Ok(Some(index)) => index,
+            // Nothing to remove from a device that is not there.
+            Ok(None) if !add => return group.iter().map(|e| (*e, Ok(()))).collect(),
+            Ok(None) => {
+                return group
+                    .iter()
+                    .map(|e| {
+                        (
+                            *e,
+                            Err(DatapathError::Other(format!("{VXLAN_NAME} does not exist"))),
+                        )
+                    })
+                    .collect();
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                return group
+                    .iter()
+                    .map(|e| (*e, Err(DatapathError::Other(msg.clone()))))
+                    .collect();
+            }
+        };
+        let entries = group.to_vec();
+        let codes =
+            match tokio::task::spawn_blocking(move || super::batch::send(&entries, add, index))
+                .await
+            {
+                Ok(codes) => codes,
+                Err(e) => {
+                    let msg = format!("the netlink batch thread failed: {e}");
+                    return group
+                        .iter()
+                        .map(|e| (*e, Err(DatapathError::Other(msg.clone()))))
+                        .collect();
+                }
+            };
+        let mut gone = false;
+        let out = group
+            .iter()
+            .zip(codes)
+            .map(|(entry, code)| {
+                let result = match code {
+                    0 => Ok(()),
+                    EEXIST if add => Ok(()),
+                    ENOENT | ESRCH if !add => Ok(()),
+                    code => {
+                        gone |= code == ENODEV;
+                        let op = if add { "adding" } else { "removing" };
+                        Err(DatapathError::io(format!("{op} {entry}"))(
+                            std::io::Error::from_raw_os_error(code),
+                        ))
+                    }
+                };
+                (*entry, result)
+            })
+            .collect();
+        if gone {
+            self.forget_vxlan();
+        }
+        out
     }
 
     pub(super) async fn apply_remove(&self, entry: &Entry) -> Result<()> {

@@ -8,9 +8,11 @@
 //!
 //! [`attrs`] reads and builds messages, [`links`] owns `weft.vxlan` and
 //! `weft0`, [`underlay`] finds the tunnel's interface, [`entries`] dumps and
-//! applies peer entries, [`host`] sets forwarding and the masquerade rule.
+//! applies peer entries (many at once through [`batch`]), [`host`] sets
+//! forwarding and the masquerade rule.
 
 mod attrs;
+mod batch;
 mod entries;
 mod host;
 mod links;
@@ -90,5 +92,9 @@ impl Datapath for NetlinkDatapath {
 
     async fn remove_entry(&self, entry: &Entry) -> Result<()> {
         self.apply_remove(entry).await
+    }
+
+    async fn apply_entries(&self, group: &[Entry], add: bool) -> Vec<(Entry, Result<()>)> {
+        self.apply_group(group, add).await
     }
 }
