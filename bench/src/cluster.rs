@@ -216,6 +216,17 @@ impl Cluster {
         Ok((ns, ip))
     }
 
+    /// Runs each statement as its own `-c` (its own transaction), in order.
+    pub fn sql_steps(&self, steps: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("psql");
+        cmd.args([&self.database_url, "-At"]);
+        for step in steps {
+            cmd.args(["-c", step]);
+        }
+        let out = crate::harness::run(&mut cmd)?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     pub fn sql(&self, query: &str) -> anyhow::Result<String> {
         let out = crate::harness::run(Command::new("psql").args([
             &self.database_url,

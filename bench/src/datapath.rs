@@ -315,6 +315,7 @@ pub fn agent_footprint(env: &Env, report: &mut Report, peers: u32) -> anyhow::Re
         || agent.log_text().contains(&format!("peers={peers}")),
     )?;
     let (loaded, peak) = agent.rss_mib();
+    end_to_end(&c, report, peers)?;
     for (name, v, target) in [
         ("weft-agent RSS idle".to_owned(), idle, None),
         (
@@ -337,4 +338,143 @@ pub fn agent_footprint(env: &Env, report: &mut Report, peers: u32) -> anyhow::Re
         });
     }
     Ok(())
+}
+
+/// Changes timed from the server's side to the agent's kernel.
+const CHANGES: u32 = 50;
+
+/// One peer change among `peers`, end to end: a node row, its topology
+/// event and the NOTIFY the server's feed listens for, committed in one
+/// transaction as a registration commits them; the clock starts when the
+/// commit has returned (read by the next statement: it starts up to that
+/// round trip late) and stops at the route in the agent's kernel (`ip -ts
+/// monitor route` in its namespace), through the feed, the agent's stream
+/// and its incremental apply. Each join is followed by its leave.
+fn end_to_end(c: &Cluster, report: &mut Report, peers: u32) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let mut monitor = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[0].0,
+            "ip",
+            "-ts",
+            "monitor",
+            "route",
+        ])
+        // ip prints local time; the clock it is compared with is UTC.
+        .env("TZ", "UTC")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = monitor.stdout.take().context("monitor stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let notify = format!("NOTIFY {}", weft_server::store::TOPOLOGY_CHANNEL);
+    let clock = "SELECT extract(epoch FROM clock_timestamp())";
+    let mut samples = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        for k in 1..=CHANGES {
+            let i = peers + k;
+            let block = format!("10.244.{}.{}/29", ((i * 8) >> 8) & 0xff, (i * 8) & 0xff);
+            let change = format!(
+                "BEGIN;
+                 INSERT INTO nodes (name, underlay_ip, vtep_mac, block_index, block)
+                 VALUES ('join{k}', '198.18.0.0'::inet + {i},
+                         ('02:01:' || lpad(to_hex({i} / 65536 % 256), 2, '0') || ':' || lpad(to_hex({i} / 256 % 256), 2, '0')
+                            || ':' || lpad(to_hex({i} % 256), 2, '0') || ':01')::macaddr,
+                         {i}, '{block}');
+                 UPDATE topology_revision SET revision = revision + 1;
+                 INSERT INTO topology_events (revision, node_name, kind, underlay_ip, vtep_mac, block)
+                 SELECT r.revision, n.name, 'upsert', n.underlay_ip, n.vtep_mac, n.block
+                 FROM topology_revision r, nodes n WHERE n.name = 'join{k}';
+                 {notify};
+                 COMMIT;"
+            );
+            let leave = format!(
+                "BEGIN;
+                 DELETE FROM nodes WHERE name = 'join{k}';
+                 UPDATE topology_revision SET revision = revision + 1;
+                 INSERT INTO topology_events (revision, node_name, kind)
+                 SELECT revision, 'join{k}', 'delete' FROM topology_revision;
+                 {notify};
+                 COMMIT;"
+            );
+            // A join's route is its last entry (FDB, neighbour, route):
+            // its appearance is the whole change applied.
+            let t0: f64 = c
+                .sql_steps(&[&change, clock])?
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .next_back()
+                .context("no clock from PostgreSQL")?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let t1 = loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let line = rx
+                    .recv_timeout(left)
+                    .with_context(|| format!("no route event for {block}"))?;
+                if line.contains(&format!("] {block} "))
+                    && let Some(t) = monitor_time(&line)
+                {
+                    break t;
+                }
+            };
+            samples.push((t1 - t0) * 1e3);
+            // The leave keeps the set at `peers` (not timed: a leave's
+            // last entry is an FDB entry, which `ip monitor route` does
+            // not show).
+            c.sql(&leave)?;
+        }
+        Ok(())
+    })();
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    result?;
+    let l = crate::harness::Latency::of(&samples);
+    for (q, v, target) in [
+        ("p50", l.p50, None),
+        ("p99", l.p99, Some(Target::AtMost(5.0))),
+    ] {
+        report.push(Figure {
+            name: format!("one peer change among {peers}, event committed -> agent's kernel, {q}"),
+            unit: "ms",
+            weft: v,
+            anchor: None,
+            target,
+        });
+    }
+    Ok(())
+}
+
+/// Seconds since the epoch of an `ip -ts` line's `[YYYY-MM-DDTHH:MM:SS.ffffff]`
+/// (UTC).
+fn monitor_time(line: &str) -> Option<f64> {
+    let stamp = line.strip_prefix('[')?.split(']').next()?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, min) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    let sec = t.next()?.parse::<f64>().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3_600.0 + min * 60.0 + sec)
 }
