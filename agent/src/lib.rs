@@ -296,5 +296,13 @@ async fn chained_plugins(config: &Config) -> Vec<cni_conf::Found> {
             ),
         }
     }
+    // Each speaks a version of weft's; together they must share one too.
+    while cni_conf::common_versions(&chain).is_empty() {
+        let Some(dropped) = chain.pop() else { break };
+        error!(
+            plugin = dropped.plugin.binary(),
+            "chained CNI plugins share no spec version with each other; left out of the conflist"
+        );
+    }
     chain
 }

@@ -235,18 +235,6 @@ fn containerd_starts_a_pod_sandbox_through_cri_with_a_weft_address() {
     assert!(!Path::new("/var/run/netns").join(&sandbox_ns).exists());
 }
 
-/// A TCP server for the pod: "web" to every connection on port 8080.
-const POD_SERVER: &str = "import socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('0.0.0.0', 8080))
-s.listen(16)
-while True:
-    c, _ = s.accept()
-    c.sendall(b'web\\n')
-    c.close()
-";
-
 /// Whatever `bash -c SCRIPT` prints within five seconds inside the
 /// namespace `ns` (a name under /var/run/netns or a path; bash for its
 /// /dev/tcp).
@@ -351,20 +339,7 @@ fn a_host_port_reaches_the_pod_and_a_bandwidth_limit_lands_on_its_veth_through_c
     let (ip, sandbox_ns) = ctr.sandbox_network(&id);
 
     // Something in the pod answers on its container port.
-    let server = Command::new("ip")
-        .args(["netns", "exec", &sandbox_ns, "python3", "-c"])
-        .arg(POD_SERVER)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Kill(server);
+    let _server = answer_on(&sandbox_ns, 8080, "web");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while read_line_from(&peer_ns, &ip, 8080) != "web" {
         assert!(

@@ -15,41 +15,7 @@ use weft_testbed::cluster::*;
 
 /// Answers every connection on port 8080 with the pod's name.
 fn serve_name(c: &Cluster, pod: &str) -> KillOnDrop {
-    let script = format!(
-        "import socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('0.0.0.0', 8080))
-s.listen(16)
-while True:
-    c, _ = s.accept()
-    c.sendall(b'{pod}\\n')
-    c.close()
-"
-    );
-    KillOnDrop(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &c.pod_ns_name(pod),
-                "python3",
-                "-c",
-                &script,
-            ])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    answer_on(&c.pod_ns_name(pod), 8080, pod)
 }
 
 /// The first line a TCP connection from pod `from` to `ip:port` reads.

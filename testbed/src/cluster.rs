@@ -88,6 +88,31 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A TCP server in the namespace `netns` (a name under /var/run/netns)
+/// that writes `reply` and a newline to every connection on `port`, until
+/// dropped.
+pub fn answer_on(netns: &str, port: u16, reply: &str) -> KillOnDrop {
+    let script = format!(
+        "import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', {port}))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.sendall(b'{reply}\\n')
+    c.close()
+"
+    );
+    KillOnDrop(Some(
+        Command::new("ip")
+            .args(["netns", "exec", netns, "python3", "-c", &script])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ))
+}
+
 #[derive(Debug)]
 pub struct Agent {
     pub child: Child,

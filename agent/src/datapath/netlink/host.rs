@@ -1,7 +1,7 @@
 //! Host settings outside the links: IPv4 forwarding and bridged traffic
-//! through netfilter (procfs), and the
-//! masquerade rule (the `nft` binary, one atomic transaction: there is no
-//! nftables netlink support in the dependency set).
+//! through netfilter (procfs), and the masquerade rule (the `nft` binary,
+//! one atomic transaction: there is no nftables netlink support in the
+//! dependency set).
 
 use std::process::Stdio;
 
