@@ -1,8 +1,8 @@
-//! Kubernetes Services over Weft: the rules kube-proxy's nftables mode
-//! installs (a `services` verdict map, per-service and per-endpoint
-//! chains, DNAT, the hairpin mark and masquerade), written into a node
-//! namespace by hand, with real pods wired by the real plugin and agent.
-//! Needs root.
+//! Kubernetes Services over Weft: the rules kube-proxy installs in its
+//! nftables mode (a `services` verdict map, per-service and per-endpoint
+//! chains, DNAT, the hairpin mark and masquerade) and in its iptables mode
+//! (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-*), written into a node namespace
+//! by hand, with real pods wired by the real plugin and agent. Needs root.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -141,8 +141,76 @@ fn eventually(what: &str, mut ok: impl FnMut() -> String, want: &str) {
     }
 }
 
+/// kube-proxy's iptables-mode rules (pkg/proxy/iptables: KUBE-SERVICES,
+/// KUBE-SVC-*, KUBE-SEP-*, KUBE-MARK-MASQ, KUBE-POSTROUTING), for the same
+/// services, as `iptables-restore` input.
+fn kube_proxy_iptables_rules(services: &[(&str, &str)]) -> String {
+    let mut chains = String::new();
+    let mut rules = String::new();
+    for (i, (vip, endpoint)) in services.iter().enumerate() {
+        chains.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i} - [0:0]\n"));
+        rules.push_str(&format!(
+            "-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i}
+-A KUBE-SVC-{i} ! -s 10.244.0.0/16 -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-MARK-MASQ
+-A KUBE-SVC-{i} -j KUBE-SEP-{i}
+-A KUBE-SEP-{i} -s {endpoint}/32 -j KUBE-MARK-MASQ
+-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {endpoint}:8080
+"
+        ));
+    }
+    format!(
+        "*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+{chains}-A PREROUTING -j KUBE-SERVICES
+-A OUTPUT -j KUBE-SERVICES
+-A POSTROUTING -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -j MASQUERADE --random-fully
+{rules}COMMIT
+"
+    )
+}
+
+fn iptables_restore_in(ns: &str, rules: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "iptables-restore:\n{rules}"
+    );
+}
+
+/// The rules of one kube-proxy mode for `(vip, endpoint)` services,
+/// installed into node namespace `ns`.
+type Install = fn(&str, &[(&str, &str)]);
+
 #[test]
-fn cluster_ips_reach_pods_on_the_same_node_another_node_and_the_client_itself() {
+fn cluster_ips_of_kube_proxys_nftables_mode_reach_the_same_node_another_node_and_the_client() {
+    services_over_weft(|ns, services| nft_in(ns, &kube_proxy_rules(services)));
+}
+
+#[test]
+fn cluster_ips_of_kube_proxys_iptables_mode_reach_the_same_node_another_node_and_the_client() {
+    services_over_weft(|ns, services| {
+        iptables_restore_in(ns, &kube_proxy_iptables_rules(services))
+    });
+}
+
+fn services_over_weft(install: Install) {
     if !require_root() {
         return;
     }
@@ -173,13 +241,13 @@ fn cluster_ips_reach_pods_on_the_same_node_another_node_and_the_client_itself() 
             pod,
         );
     }
-    nft_in(
+    install(
         &c.nodes[0],
-        &kube_proxy_rules(&[
+        &[
             ("10.96.0.10", &same),
             ("10.96.0.11", &other),
             ("10.96.0.12", &client),
-        ]),
+        ],
     );
 
     // Same node: the reply is bridged straight back, so only conntrack on
