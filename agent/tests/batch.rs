@@ -68,6 +68,17 @@ fn kernel_counts() -> (usize, usize, usize) {
     )
 }
 
+fn vtep(underlay_ifindex: u32) -> VtepSpec {
+    VtepSpec {
+        vni: 1,
+        local: Ipv4Addr::new(198, 51, 100, 1),
+        underlay_ifindex,
+        mtu: 1450,
+        mac: MacAddr::local_unicast([0xaa, 0, 0, 0, 1]),
+        address: Ipv4Addr::new(10, 244, 0, 0),
+    }
+}
+
 async fn set_of(dp: &NetlinkDatapath, peers: Vec<Peer>) -> BTreeSet<Entry> {
     let mut set = PeerSet::default();
     assert!(set.reset(1, peers, "self").is_empty());
@@ -101,16 +112,7 @@ fn hundreds_of_entries_go_in_batches_and_the_kernel_holds_exactly_the_set() {
             sh(&["ip", "link", "set", "u1", "up"]);
             let dp = NetlinkDatapath::connect().unwrap();
             let underlay = dp.underlay_named("u0", None).await.unwrap();
-            dp.ensure_vtep(&VtepSpec {
-                vni: 1,
-                local: Ipv4Addr::new(198, 51, 100, 1),
-                underlay_ifindex: underlay.ifindex,
-                mtu: 1450,
-                mac: MacAddr::local_unicast([0xaa, 0, 0, 0, 1]),
-                address: Ipv4Addr::new(10, 244, 0, 0),
-            })
-            .await
-            .unwrap();
+            dp.ensure_vtep(&vtep(underlay.ifindex)).await.unwrap();
 
             // 250 peers: 750 entries, in groups of 250.
             let want = set_of(&dp, peers(250)).await;
@@ -140,6 +142,32 @@ fn hundreds_of_entries_go_in_batches_and_the_kernel_holds_exactly_the_set() {
             assert!(set.reset(2, peers(40), "self").is_empty());
             let again = reconcile(&dp, &set).await.unwrap();
             assert_eq!((again.added, again.removed), (0, 0));
+
+            // Removing entries that are already gone is no error, in a batch
+            // as one by one.
+            let gone: Vec<Entry> = desired_entries(&peers(250)[200..])
+                .into_iter()
+                .filter(|e| matches!(e, Entry::Route { .. }))
+                .collect();
+            assert_eq!(gone.len(), 50);
+            let out = dp.apply_entries(&gone, false).await;
+            assert!(out.iter().all(|(_, r)| r.is_ok()), "{out:?}");
+
+            // The device vanishing under a batch fails every entry of it
+            // (and nothing else is touched); once it is back, the next
+            // batch finds it again instead of using the old index.
+            let fdb: Vec<Entry> = desired_entries(&peers(100)[40..])
+                .into_iter()
+                .filter(|e| matches!(e, Entry::Fdb { .. }))
+                .collect();
+            sh(&["ip", "link", "del", "weft.vxlan"]);
+            let out = dp.apply_entries(&fdb, true).await;
+            assert_eq!(out.len(), 60);
+            assert!(out.iter().all(|(_, r)| r.is_err()), "{out:?}");
+            dp.ensure_vtep(&vtep(underlay.ifindex)).await.unwrap();
+            let out = dp.apply_entries(&fdb, true).await;
+            assert!(out.iter().all(|(_, r)| r.is_ok()), "{out:?}");
+            assert_eq!(kernel_counts().2, 60);
         });
     })
     .join()
