@@ -296,6 +296,11 @@ mod tests {
             probe(&dir, Chained::Bandwidth).await.unwrap(),
             found(Chained::Bandwidth, &["0.4.0", "1.0.0"])
         );
+        // One that never answers is given up on (waited for, it would end
+        // after a minute with no JSON) and killed.
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        let e = probe(&dir, Chained::Bandwidth).await.unwrap_err();
+        assert!(e.contains("did not answer VERSION"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -703,3 +703,35 @@ async fn a_heartbeat_committing_under_the_stale_sweep_keeps_the_node(pool: PgPoo
     assert!(released.is_empty());
     assert_eq!(ts.audit_count("node_stale").await, 1);
 }
+
+/// Two replicas sweep for stale nodes at once: the node is deleted once,
+/// audited once, and counted by one replica only.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn two_replicas_sweeping_fence_a_stale_node_once(pool: PgPool) {
+    let mut settings = settings();
+    settings.stale_node_after = Some(Duration::from_secs(1));
+    let a = start_with(pool.clone(), settings.clone()).await;
+    let b = start_with(pool.clone(), settings).await;
+    a.register("node-b", 2).await;
+    for _ in 0..100 {
+        if a.audit_count("node_stale").await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both have swept again since.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(a.audit_count("node_stale").await, 1);
+    assert_eq!(a.audit_count("node_delete").await, 0);
+    let mut fenced = 0;
+    for ts in [&a, &b] {
+        let (_, metrics) = http_get(ts.server.metrics_addr, "/metrics").await;
+        let n: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("weft_stale_nodes_fenced_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        fenced += n;
+    }
+    assert_eq!(fenced, 1, "one replica fenced it");
+}
