@@ -95,8 +95,8 @@ pub struct Cli {
     /// for good (a machine that vanished without DeleteNode): it is fenced
     /// and deleted as DeleteNode would, its block quarantined for
     /// --block-quarantine, then reclaimed. 0 (the default) turns the
-    /// policy off. Keep it far above the agents' --heartbeat-seconds
-    /// (hours, e.g. 21600).
+    /// policy off; otherwise at least 60, and meant to be hours (e.g.
+    /// 21600), far above the agents' --heartbeat-seconds.
     #[arg(
         long,
         env = "WEFT_STALE_NODE_AFTER",
@@ -346,7 +346,16 @@ impl Config {
                 0,
                 30 * 24 * 3600,
             ))
-            .and_then(|s| (s > 0).then(|| std::time::Duration::from_secs(u64::from(s))));
+            .and_then(|s| {
+                // Below a minute a node between two heartbeats (10 s by
+                // default) and a slow network could be taken for gone.
+                if (1..60).contains(&s) {
+                    errors.push(format!(
+                        "--stale-node-after/WEFT_STALE_NODE_AFTER: {s} s is below the minimum of 60 s (0 turns the policy off; hours are meant)"
+                    ));
+                }
+                (s > 0).then(|| std::time::Duration::from_secs(u64::from(s)))
+            });
         let layout = match (cidr, prefix) {
             (Some(cidr), Some(prefix)) => errors.take(
                 ClusterLayout::new(cidr, prefix)
@@ -468,6 +477,29 @@ mod tests {
         assert_eq!(c.layout.node_prefix(), 24);
         assert_eq!(c.vni, 1);
         assert_eq!(c.command, Command::Serve);
+        assert_eq!(c.stale_node_after, None, "the stale-node policy is off");
+    }
+
+    #[test]
+    fn the_stale_node_policy_takes_zero_or_at_least_a_minute() {
+        let with = |v: &str| {
+            Config::from_cli(cli(&[
+                "--database-url",
+                "postgres://weft@db/weft",
+                "--insecure-plaintext",
+                "--stale-node-after",
+                v,
+            ]))
+        };
+        assert_eq!(with("0").unwrap().stale_node_after, None);
+        assert_eq!(
+            with("21600").unwrap().stale_node_after,
+            Some(std::time::Duration::from_secs(21600))
+        );
+        for bad in ["30", "1", "six hours"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("--stale-node-after"), "{bad}: {err}");
+        }
     }
 
     #[test]
