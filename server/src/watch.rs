@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use futures::future::{BoxFuture, FutureExt as _, Shared};
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tracing::{debug, info, warn};
@@ -94,10 +95,31 @@ struct Inner {
     /// watcher that subscribed and then reads `n` receives every event
     /// after `n` from the channel.
     revision: AtomicU64,
-    /// The last snapshot read and its revision. The lock is held while a
-    /// snapshot is read, so concurrent watchers wait for one query.
-    snapshot: tokio::sync::Mutex<Option<(u64, Arc<Vec<PeerRecord>>)>>,
+    /// The last snapshot read, and the read in flight that every watcher
+    /// asking meanwhile awaits (its result, or its error, reaches them all
+    /// at once). Never held across an await.
+    snapshot: std::sync::Mutex<SnapshotCache>,
 }
+
+/// A snapshot's revision and peers.
+type Snapshot = (u64, Arc<Vec<PeerRecord>>);
+/// A snapshot read in flight, shared by its waiters; the generation it was
+/// started in comes with its result.
+type Reading = Shared<BoxFuture<'static, (u64, Result<Snapshot, Arc<StoreError>>)>>;
+
+#[derive(Debug, Default)]
+struct SnapshotCache {
+    cached: Option<Snapshot>,
+    reading: Option<Reading>,
+    /// Bumped when the history went backwards: a read started before must
+    /// neither be cached nor handed out.
+    generation: u64,
+}
+
+/// How long a snapshot read may take before its waiters are told the
+/// database is unavailable (a database gone without a RST would otherwise
+/// hold them until TCP gives up).
+pub const SNAPSHOT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 // === impl PeerFeed ===
 
@@ -111,7 +133,7 @@ impl PeerFeed {
                 tx,
                 wake: Notify::new(),
                 revision: AtomicU64::new(revision),
-                snapshot: tokio::sync::Mutex::new(None),
+                snapshot: std::sync::Mutex::default(),
             }),
         };
         tokio::spawn(feed.clone().run(store, revision));
@@ -185,7 +207,12 @@ impl PeerFeed {
                     // The history may have gone backwards (a failover that
                     // lost commits): the cached snapshot may hold what the
                     // database no longer has.
-                    *self.inner.snapshot.lock().await = None;
+                    {
+                        let mut cache = self.inner.cache();
+                        cache.cached = None;
+                        cache.reading = None;
+                        cache.generation += 1;
+                    }
                     self.inner.revision.store(last, Ordering::SeqCst);
                     let _ = self.inner.tx.send(FeedItem::Resync);
                 }
@@ -300,19 +327,65 @@ impl PeerFeed {
 
     /// A snapshot at least as new as what the feed has fanned out: any such
     /// snapshot is consistent, and the channel brings what follows it.
-    async fn snapshot(&self, store: &Store) -> Result<(u64, Arc<Vec<PeerRecord>>), StoreError> {
-        let mut cache = self.inner.snapshot.lock().await;
-        let fed = self.inner.revision.load(Ordering::SeqCst);
-        if let Some((revision, peers)) = cache.as_ref()
-            && *revision >= fed
-        {
-            return Ok((*revision, peers.clone()));
+    async fn snapshot(&self, store: &Store) -> Result<Snapshot, StoreError> {
+        loop {
+            let fed = self.inner.revision.load(Ordering::SeqCst);
+            let (generation, reading) = {
+                let mut cache = self.inner.cache();
+                if let Some((revision, peers)) = cache.cached.as_ref()
+                    && *revision >= fed
+                {
+                    return Ok((*revision, peers.clone()));
+                }
+                let generation = cache.generation;
+                let reading = cache
+                    .reading
+                    .get_or_insert_with(|| {
+                        read_snapshot(self.inner.clone(), store.clone(), generation)
+                    })
+                    .clone();
+                (generation, reading)
+            };
+            match reading.await {
+                // Read before the history went backwards: read again.
+                (g, _) if g != generation => continue,
+                (_, Ok((revision, peers))) if revision >= fed => return Ok((revision, peers)),
+                // Started before `fed` was fanned out.
+                (_, Ok(_)) => continue,
+                (_, Err(e)) => return Err(StoreError::Shared(e)),
+            }
         }
-        let (revision, peers) = store.peer_snapshot().await?;
-        let peers = Arc::new(peers);
-        *cache = Some((revision, peers.clone()));
-        Ok((revision, peers))
     }
+}
+
+impl Inner {
+    fn cache(&self) -> std::sync::MutexGuard<'_, SnapshotCache> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One snapshot read for every watcher that asks while it runs; cached if
+/// the history did not go backwards meanwhile.
+fn read_snapshot(inner: Arc<Inner>, store: Store, generation: u64) -> Reading {
+    async move {
+        let read = match tokio::time::timeout(SNAPSHOT_READ_TIMEOUT, store.peer_snapshot()).await {
+            Ok(Ok((revision, peers))) => Ok((revision, Arc::new(peers))),
+            Ok(Err(e)) => Err(Arc::new(e)),
+            Err(_) => Err(Arc::new(StoreError::TimedOut("reading a peer snapshot"))),
+        };
+        let mut cache = inner.cache();
+        if cache.generation == generation {
+            cache.reading = None;
+            if let Ok(snapshot) = &read
+                && cache.cached.as_ref().is_none_or(|(r, _)| *r <= snapshot.0)
+            {
+                cache.cached = Some(snapshot.clone());
+            }
+        }
+        (generation, read)
+    }
+    .boxed()
+    .shared()
 }
 
 /// LISTEN on a connection of its own, outside the request pool: a pool

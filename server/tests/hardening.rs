@@ -735,3 +735,65 @@ async fn two_replicas_sweeping_fence_a_stale_node_once(pool: PgPool) {
     }
     assert_eq!(fenced, 1, "one replica fenced it");
 }
+
+/// Backends of this database waiting on a lock now.
+async fn lock_waiters(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Fresh watchers while the database does not answer (a second connection
+/// holds the table a snapshot reads): one read for all of them, and when it
+/// gives up every one of them hears UNAVAILABLE at once, instead of each
+/// starting a read of its own after the last one failed.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn watchers_sharing_a_snapshot_read_that_fails_all_hear_of_it_at_once(pool: PgPool) {
+    let ts = start(pool.clone()).await;
+    let names = ["node-a", "node-b", "node-c", "node-d"];
+    for (n, name) in (1u8..).zip(names) {
+        ts.register(name, n).await;
+    }
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE nodes IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for name in names {
+        streams.push(watch(&ts, name, 0).await);
+    }
+    wait_for_lock_waiter(&pool).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        lock_waiters(&pool).await,
+        1,
+        "one snapshot read for four watchers"
+    );
+
+    let wait = weft_server::watch::SNAPSHOT_READ_TIMEOUT + Duration::from_secs(5);
+    let first = tokio::time::timeout(wait, streams[0].message())
+        .await
+        .expect("the read gives up");
+    assert_eq!(first.unwrap_err().code(), Code::Unavailable);
+    for s in &mut streams[1..] {
+        let got = tokio::time::timeout(Duration::from_secs(2), s.message())
+            .await
+            .expect("a waiter started a read of its own instead of sharing the failed one");
+        assert_eq!(got.unwrap_err().code(), Code::Unavailable);
+    }
+    blocker.rollback().await.unwrap();
+    // The database answers again: a new watcher gets its snapshot.
+    let mut again = watch(&ts, "node-a", 0).await;
+    assert!(
+        matches!(
+            next_event(&mut again).await.event,
+            Some(pb::peer_event::Event::Snapshot(_))
+        ),
+        "a snapshot after the database is back"
+    );
+}

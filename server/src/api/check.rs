@@ -102,9 +102,13 @@ pub(super) fn status_from(e: StoreError) -> Status {
             warn!(error = %e, "database unavailable");
             Status::unavailable("database unavailable; retry")
         }
-        // Internals stay in the log; the client gets a stable message.
+        // Internals stay in the log; the client gets a stable message. (A
+        // shared failure is a snapshot read's: the database's, or corrupt
+        // data; one that is unavailability is answered above.)
         StoreError::Database(_)
         | StoreError::Corrupt(_)
+        | StoreError::TimedOut(_)
+        | StoreError::Shared(_)
         | StoreError::LayoutMismatch { .. }
         | StoreError::LayoutChanged { .. } => {
             warn!(error = %e, "internal error");

@@ -96,6 +96,12 @@ pub enum StoreError {
     /// client, and callers branch on `is_unavailable`, not on its insides.
     #[error("database error: {0}")]
     Database(DatabaseError),
+    /// The database did not answer in time (it may be gone without a RST).
+    #[error("the database did not answer in time {0}")]
+    TimedOut(&'static str),
+    /// One failure handed to several callers (a read they shared).
+    #[error("{0}")]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 /// A database failure, opaque outside the store.
@@ -124,6 +130,8 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Database(DatabaseError(e)) => sqlx_unavailable(e),
+            StoreError::TimedOut(_) => true,
+            StoreError::Shared(e) => e.is_unavailable(),
             _ => false,
         }
     }
