@@ -330,7 +330,7 @@ impl PeerFeed {
     async fn snapshot(&self, store: &Store) -> Result<Snapshot, StoreError> {
         loop {
             let fed = self.inner.revision.load(Ordering::SeqCst);
-            let (generation, reading) = {
+            let reading = {
                 let mut cache = self.inner.cache();
                 if let Some((revision, peers)) = cache.cached.as_ref()
                     && *revision >= fed
@@ -338,21 +338,24 @@ impl PeerFeed {
                     return Ok((*revision, peers.clone()));
                 }
                 let generation = cache.generation;
-                let reading = cache
+                cache
                     .reading
                     .get_or_insert_with(|| {
                         read_snapshot(self.inner.clone(), store.clone(), generation)
                     })
-                    .clone();
-                (generation, reading)
+                    .clone()
             };
-            match reading.await {
-                // Read before the history went backwards: read again.
-                (g, _) if g != generation => continue,
-                (_, Ok((revision, peers))) if revision >= fed => return Ok((revision, peers)),
+            let (generation, read) = reading.await;
+            if generation != self.inner.cache().generation {
+                // The history went backwards while it read: what it read
+                // may be gone from the database.
+                continue;
+            }
+            match read {
+                Ok((revision, peers)) if revision >= fed => return Ok((revision, peers)),
                 // Started before `fed` was fanned out.
-                (_, Ok(_)) => continue,
-                (_, Err(e)) => return Err(StoreError::Shared(e)),
+                Ok(_) => continue,
+                Err(e) => return Err(StoreError::Shared(e)),
             }
         }
     }
