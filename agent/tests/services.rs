@@ -91,22 +91,6 @@ chain nat-postrouting {{
     )
 }
 
-fn nft_in(ns: &str, rules: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft -f:\n{rules}");
-}
-
 fn bridge_nf(c: &Cluster, node: usize) -> String {
     let out = in_ns(
         &c.nodes[node],
@@ -175,38 +159,25 @@ fn kube_proxy_iptables_rules(services: &[(&str, &str)]) -> String {
     )
 }
 
-fn iptables_restore_in(ns: &str, rules: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "iptables-restore", "--noflush"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "iptables-restore:\n{rules}"
-    );
-}
-
 /// The rules of one kube-proxy mode for `(vip, endpoint)` services,
 /// installed into node namespace `ns`.
 type Install = fn(&str, &[(&str, &str)]);
 
 #[test]
 fn cluster_ips_of_kube_proxys_nftables_mode_reach_the_same_node_another_node_and_the_client() {
-    services_over_weft(|ns, services| nft_in(ns, &kube_proxy_rules(services)));
+    services_over_weft(|ns, services| {
+        in_ns_with_stdin(ns, &["nft", "-f", "-"], &kube_proxy_rules(services));
+    });
 }
 
 #[test]
 fn cluster_ips_of_kube_proxys_iptables_mode_reach_the_same_node_another_node_and_the_client() {
     services_over_weft(|ns, services| {
-        iptables_restore_in(ns, &kube_proxy_iptables_rules(services))
+        in_ns_with_stdin(
+            ns,
+            &["iptables-restore", "--noflush"],
+            &kube_proxy_iptables_rules(services),
+        );
     });
 }
 

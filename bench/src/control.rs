@@ -263,19 +263,11 @@ pub async fn propagation(
     for t in tasks {
         samples.push(tokio::time::timeout(Duration::from_secs(60), t).await???);
     }
-    let l = Latency::of(&samples);
-    for (q, v, target) in [
-        ("p50", l.p50, None),
-        ("p99", l.p99, Some(Target::AtMost(100.0))),
-    ] {
-        report.push(Figure {
-            name: format!("peer propagation to {watchers} watchers {q}"),
-            unit: "ms",
-            weft: v,
-            anchor: None,
-            target,
-        });
-    }
+    report.tail_latency(
+        &format!("peer propagation to {watchers} watchers"),
+        Latency::of(&samples),
+        Some(Target::AtMost(100.0)),
+    );
 
     register_many(&ch, "peer", snapshot_peers, 16).await?;
     let t = Instant::now();

@@ -440,19 +440,11 @@ fn end_to_end(c: &Cluster, report: &mut Report, peers: u32) -> anyhow::Result<()
     let _ = monitor.kill();
     let _ = monitor.wait();
     result?;
-    let l = crate::harness::Latency::of(&samples);
-    for (q, v, target) in [
-        ("p50", l.p50, None),
-        ("p99", l.p99, Some(Target::AtMost(5.0))),
-    ] {
-        report.push(Figure {
-            name: format!("one peer change among {peers}, event committed -> agent's kernel, {q}"),
-            unit: "ms",
-            weft: v,
-            anchor: None,
-            target,
-        });
-    }
+    report.tail_latency(
+        &format!("one peer change among {peers}, event committed -> agent's kernel,"),
+        Latency::of(&samples),
+        Some(Target::AtMost(5.0)),
+    );
     Ok(())
 }
 

@@ -82,6 +82,19 @@ impl Report {
         }
     }
 
+    /// Adds p50 and p99 rows with no anchor; the target applies to p99.
+    pub fn tail_latency(&mut self, name: &str, weft: Latency, p99_target: Option<Target>) {
+        for (q, v, target) in [("p50", weft.p50, None), ("p99", weft.p99, p99_target)] {
+            self.push(Figure {
+                name: format!("{name} {q}"),
+                unit: "ms",
+                weft: v,
+                anchor: None,
+                target,
+            });
+        }
+    }
+
     pub fn table(&self) -> String {
         let mut out = format!(
             "{:<58} {:>12} {:>12}  {:<22} {:>7}  {:<12} {}\n",

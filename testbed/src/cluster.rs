@@ -50,6 +50,33 @@ pub fn in_ns(ns: &str, args: &[&str]) -> Output {
     process::in_ns(ns, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// Runs `args` in `ns` with `input` on its stdin; panics unless it succeeds.
+pub fn in_ns_with_stdin(ns: &str, args: &[&str], input: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} in {ns}: {}\ninput:\n{input}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn in_ns_json(ns: &str, args: &[&str]) -> Value {
     let out = in_ns(ns, args);
     let text = String::from_utf8_lossy(&out.stdout);

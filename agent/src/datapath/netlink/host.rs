@@ -19,18 +19,24 @@ pub(super) fn masquerade_rule(spec: &MasqueradeSpec) -> String {
     )
 }
 
+/// Writes 1 to the procfs switch `path` unless it is on already; `what`
+/// is logged when it was off.
+async fn switch_on(path: &str, what: &str) -> Result<()> {
+    let now = tokio::fs::read_to_string(path)
+        .await
+        .map_err(DatapathError::io(format!("reading {path}")))?;
+    if now.trim() != "1" {
+        info!("{what}");
+        tokio::fs::write(path, "1\n")
+            .await
+            .map_err(DatapathError::io(format!("writing {path}")))?;
+    }
+    Ok(())
+}
+
 impl NetlinkDatapath {
     pub(super) async fn set_forwarding(&self) -> Result<()> {
-        const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-        let now = tokio::fs::read_to_string(PATH)
-            .await
-            .map_err(DatapathError::io(format!("reading {PATH}")))?;
-        if now.trim() != "1" {
-            info!("enabling IPv4 forwarding");
-            tokio::fs::write(PATH, "1\n")
-                .await
-                .map_err(DatapathError::io(format!("writing {PATH}")))?;
-        }
+        switch_on("/proc/sys/net/ipv4/ip_forward", "enabling IPv4 forwarding").await?;
         self.set_bridge_netfilter().await
     }
 
@@ -57,16 +63,11 @@ impl NetlinkDatapath {
                 return Ok(());
             }
         }
-        let now = tokio::fs::read_to_string(PATH)
-            .await
-            .map_err(DatapathError::io(format!("reading {PATH}")))?;
-        if now.trim() != "1" {
-            info!("passing bridged traffic through netfilter (bridge-nf-call-iptables)");
-            tokio::fs::write(PATH, "1\n")
-                .await
-                .map_err(DatapathError::io(format!("writing {PATH}")))?;
-        }
-        Ok(())
+        switch_on(
+            PATH,
+            "passing bridged traffic through netfilter (bridge-nf-call-iptables)",
+        )
+        .await
     }
 
     pub(super) async fn set_masquerade(&self, spec: &MasqueradeSpec) -> Result<()> {
