@@ -95,7 +95,7 @@ impl Family for Ipv6Net {
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum LayoutError {
-    #[error("node prefix length /{node} is shorter than the cluster prefix's /{cluster}")]
+    #[error("node prefix length /{node} is shorter than the cluster CIDR's /{cluster}")]
     PrefixShorterThanCluster { node: u8, cluster: u8 },
     #[error("node prefix length /{node} leaves no room for pods; use /{longest} or shorter")]
     PrefixTooLong { node: u8, longest: u8 },
